@@ -1,0 +1,253 @@
+"""Sampler transitions over a flow-matching velocity: the SDE steps the policy samples with, their Gaussian
+log-densities, the deterministic Euler (ODE) step, and the KL between two transitions.
+
+Conventions (DESIGN.md): sigma 1 = noise, 0 = data; ``z_sigma = (1 - sigma) x0 + sigma * eps`` and the network
+predicts ``v = eps - x0``. ``x, v: [B, *latent]`` in any dtype; ``sigma, sigma_next``: python floats or ``[B]``
+tensors, broadcast over the latent dims. All math runs in float32; sampled states come back in ``x``'s dtype.
+
+Derivation of the SDE step (paper Eq. 4-5). From ``v = eps - x0`` the clean and noise predictions are
+``x0_hat = z - sigma v`` and ``eps_hat = z + (1 - sigma) v``, and Eq. 5 (alpha = 1 - sigma, std = sigma) gives the
+score ``grad log p(z) = -(z - (1 - sigma) x0_hat) / sigma^2 = -eps_hat / sigma``. For any noise scale ``g`` the
+reverse-time SDE of Eq. 4, ``dz = (v - g^2/2 * grad log p) dsigma + g dw``, has the same marginals as the ODE
+``dz = v dsigma`` (the score term removes exactly what the added noise spreads). One Euler-Maruyama step over
+``dt = sigma_next - sigma < 0`` is the Gaussian
+
+    mean = z + dt * (v + g^2 / (2 sigma) * (z + (1 - sigma) v))
+         = z * (1 + g^2 dt / (2 sigma)) + v * (1 + g^2 (1 - sigma) / (2 sigma)) * dt,
+    std  = g * sqrt(-dt).
+
+The second line is Flow-GRPO's ``sd3_sde_with_logprob.py`` form. The two transitions differ only in ``g``:
+Flow-SDE (Flow-GRPO) ``g = eta * sqrt(sigma / (1 - sigma))``; Dance-SDE (DanceGRPO ``flux_step``) ``g = eta``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol
+
+import torch
+
+from otca.registry import Registry
+
+Sigma = float | torch.Tensor
+# g(sigma, sigma_max, eta) -> the SDE's noise scale g, elementwise over broadcastable tensors
+NoiseScale = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class Transition(Protocol):
+    """One stochastic sampler step ``latents[:, k] -> latents[:, k+1]`` and its log-density.
+
+    Returns ``(x_next [B, *latent] in x's dtype, log_prob [B] fp32, mean [B, *latent] fp32,
+    std [B, 1, ..., 1] fp32)``. Given ``prev`` it evaluates that state instead of sampling (``x_next`` is
+    ``prev``); given ``noise`` it samples ``mean + std * noise``; otherwise it draws the noise with ``generator``.
+    """
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        v: torch.Tensor,
+        sigma: Sigma,
+        sigma_next: Sigma,
+        *,
+        eta: float,
+        noise: torch.Tensor | None = None,
+        prev: torch.Tensor | None = None,
+        reduce: str = "mean",
+        generator: torch.Generator | None = None,
+        sigma_max: Sigma | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+TRANSITIONS: Registry[Transition] = Registry("transition")
+
+_REDUCTIONS = {"mean": torch.mean, "sum": torch.sum}
+
+
+def _reduce(values: torch.Tensor, reduce: str) -> torch.Tensor:
+    """``values [B, *latent] -> [B]`` by mean or sum over every non-batch dim."""
+    if reduce not in _REDUCTIONS:
+        raise ValueError(f"reduce: expected one of {', '.join(_REDUCTIONS)}, got {reduce!r}")
+    return _REDUCTIONS[reduce](values, dim=tuple(range(1, values.dim())))
+
+
+def _column(sigma: Sigma, x: torch.Tensor, name: str) -> torch.Tensor:
+    """A float or ``[B]`` noise level as an fp32 ``[B, 1, ..., 1]`` column that broadcasts over ``x [B, *latent]``."""
+    if x.dim() < 2:
+        raise ValueError(f"x: expected [B, *latent] with at least one latent dim, got shape {tuple(x.shape)}")
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    if s.dim() == 0:
+        s = s.expand(x.shape[0])
+    elif s.shape != x.shape[:1]:
+        raise ValueError(f"{name}: expected a float or a [B] tensor with B={x.shape[0]}, got shape {tuple(s.shape)}")
+    return s.reshape(-1, *([1] * (x.dim() - 1)))  # [B, 1, ..., 1]
+
+
+def _require_same_shape(t: torch.Tensor | None, x: torch.Tensor, name: str) -> None:
+    if t is not None and t.shape != x.shape:
+        raise ValueError(f"{name}: expected the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """``log N(x; mean, std^2)`` per element, reduced over the non-batch dims to ``[B]`` (fp32).
+
+    ``x [B, *latent]``; ``mean`` and ``std`` broadcast against it. ``reduce="mean"`` (the default, as DanceGRPO
+    and Flow-GRPO) or ``"sum"`` (the true log-density of the whole latent). A zero ``std`` has no density (NaN).
+    """
+    x, mean, std = x.float(), mean.float(), std.float()
+    log_density = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI  # [B, *latent]
+    return _reduce(log_density, reduce)  # [B]
+
+
+def predict_x0(x: torch.Tensor, v: torch.Tensor, sigma: Sigma) -> torch.Tensor:
+    """The clean prediction ``x0_hat = x - sigma * v`` ``[B, *latent]`` in ``x``'s dtype (fp32 arithmetic)."""
+    s = _column(sigma, x, "sigma")  # [B, 1, ..., 1]
+    return (x.float() - s * v.float()).to(x.dtype)  # [B, *latent]
+
+
+def ode_step(x: torch.Tensor, v: torch.Tensor, sigma: Sigma, sigma_next: Sigma) -> torch.Tensor:
+    """Deterministic Euler step of ``dz = v dsigma``: ``x + (sigma_next - sigma) * v`` in ``x``'s dtype.
+
+    Used for evaluation sampling; it has no log-density. Either direction is allowed (inversion runs upward).
+    """
+    dt = _column(sigma_next, x, "sigma_next") - _column(sigma, x, "sigma")  # [B, 1, ..., 1]
+    return (x.float() + dt * v.float()).to(x.dtype)  # [B, *latent]
+
+
+def _sde_mean_std(
+    x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, g: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euler-Maruyama mean ``[B, *latent]`` and std ``[B, 1, ..., 1]`` of the reverse SDE (Eq. 4) with the
+    Eq. 5 score, for fp32 ``x, v`` and ``[B, 1, ..., 1]`` columns ``sigma, sigma_next, g`` (module docstring)."""
+    dt = sigma_next - sigma  # [B, 1, ..., 1], < 0
+    # Eq. 5 as score = -eps_hat / sigma: the same value as -(x - (1 - sigma) x0_hat) / sigma^2 without the
+    # cancellation that form suffers at small sigma.
+    eps_hat = x + (1 - sigma) * v  # [B, *latent]
+    mean = x + dt * (v + g**2 / (2 * sigma) * eps_hat)  # [B, *latent], Eq. 4 discretised
+    return mean, g * torch.sqrt(-dt)  # [B, *latent], [B, 1, ..., 1]
+
+
+def _sde_step(
+    g_of: NoiseScale,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: Sigma,
+    sigma_next: Sigma,
+    *,
+    eta: float,
+    noise: torch.Tensor | None,
+    prev: torch.Tensor | None,
+    reduce: str,
+    generator: torch.Generator | None,
+    sigma_max: Sigma | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared body of every SDE transition; ``g_of(sigma, sigma_max, eta) -> g [B, 1, ..., 1]`` is the
+    only part that differs between them."""
+    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta: expected a finite number >= 0, got {eta!r}")
+    _require_same_shape(v, x, "v")
+    _require_same_shape(noise, x, "noise")
+    _require_same_shape(prev, x, "prev")
+    s = _column(sigma, x, "sigma")  # [B, 1, ..., 1]
+    s_next = _column(sigma_next, x, "sigma_next")  # [B, 1, ..., 1]
+    # Flow-GRPO's choice at sigma = 1 is sigmas[1], which is sigma_next on the first step.
+    s_max = s_next if sigma_max is None else _column(sigma_max, x, "sigma_max")  # [B, 1, ..., 1]
+    ok = ((0 <= s_next) & (s_next < s) & (s <= 1) & (0 <= s_max) & (s_max < 1)).flatten()  # [B]
+    if not bool(ok.all()):
+        i = int((~ok).nonzero()[0])
+        raise ValueError(
+            f"sigma, sigma_next, sigma_max: expected 0 <= sigma_next < sigma <= 1 and 0 <= sigma_max < 1, got "
+            f"sigma={s.flatten()[i].item()}, sigma_next={s_next.flatten()[i].item()}, "
+            f"sigma_max={s_max.flatten()[i].item()} at sample {i}"
+        )
+    mean, std = _sde_mean_std(x.float(), v.float(), s, s_next, g_of(s, s_max, float(eta)))
+    if prev is None:
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        # Cast before scoring: the density must be that of the state actually stored, so that re-evaluating
+        # it later with the same parameters gives a ratio of exactly 1.
+        prev = (mean + std * noise.float()).to(x.dtype)  # [B, *latent]
+    # The action is a constant of the policy gradient: only mean and std carry gradient.
+    log_prob = gaussian_log_prob(prev.detach(), mean, std, reduce)  # [B]
+    return prev, log_prob, mean, std
+
+
+def flow_noise_scale(sigma: torch.Tensor, sigma_max: torch.Tensor, eta: float) -> torch.Tensor:
+    """Flow-GRPO's ``g = eta * sqrt(sigma / (1 - sigma))``, elementwise; where ``sigma == 1`` the denominator
+    uses ``sigma_max`` instead (``sd3_sde_with_logprob.py``), which keeps the first step finite."""
+    return eta * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma)))
+
+
+def dance_noise_scale(sigma: torch.Tensor, sigma_max: torch.Tensor, eta: float) -> torch.Tensor:
+    """DanceGRPO's constant ``g = eta``, shaped like ``sigma`` (``flux_step``); it has no singularity at sigma 1."""
+    return torch.full_like(sigma, eta)
+
+
+@TRANSITIONS.register("flow-sde")
+def flow_sde_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: Sigma,
+    sigma_next: Sigma,
+    *,
+    eta: float,
+    noise: torch.Tensor | None = None,
+    prev: torch.Tensor | None = None,
+    reduce: str = "mean",
+    generator: torch.Generator | None = None,
+    sigma_max: Sigma | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flow-GRPO's SDE step (Flow-SDE, :class:`Transition` contract; derivation in the module docstring).
+
+    ``g = eta * sqrt(sigma / (1 - sigma))``, ``std = g * sqrt(sigma - sigma_next)``. At ``sigma == 1`` the
+    denominator uses ``sigma_max`` (default ``sigma_next``: on the first step of a schedule that is
+    ``sigmas[1]``, Flow-GRPO's value), so the first step has ``std = eta`` exactly. ``eta = 0`` is the Euler
+    ODE step (std 0, log_prob NaN: use :func:`ode_step` for deterministic steps).
+    """
+    return _sde_step(
+        flow_noise_scale, x, v, sigma, sigma_next, eta=eta, noise=noise, prev=prev, reduce=reduce,
+        generator=generator, sigma_max=sigma_max,
+    )
+
+
+@TRANSITIONS.register("dance-sde")
+def dance_sde_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: Sigma,
+    sigma_next: Sigma,
+    *,
+    eta: float,
+    noise: torch.Tensor | None = None,
+    prev: torch.Tensor | None = None,
+    reduce: str = "mean",
+    generator: torch.Generator | None = None,
+    sigma_max: Sigma | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DanceGRPO's SDE step (Dance-SDE, ``flux_step``; :class:`Transition` contract).
+
+    ``mean = x + dsigma * v - 0.5 * eta^2 * score * dsigma`` with ``score = -(x - (1 - sigma) x0_hat) / sigma^2``,
+    ``std = eta * sqrt(sigma - sigma_next)``: the module's SDE with constant ``g = eta``. ``sigma_max`` is
+    accepted for the shared signature and only validated.
+    """
+    return _sde_step(
+        dance_noise_scale, x, v, sigma, sigma_next, eta=eta, noise=noise, prev=prev, reduce=reduce,
+        generator=generator, sigma_max=sigma_max,
+    )
+
+
+def get_transition(name: str) -> Transition:
+    """The transition registered under ``name`` (``"flow-sde"``, ``"dance-sde"``); unknown names list the known."""
+    return TRANSITIONS.get(name)
+
+
+def kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL between two Gaussian transitions that share ``std``: ``||mean - ref_mean||^2 / (2 std^2)``, mean over
+    the non-batch dims -> ``[B]`` fp32 (Flow-GRPO's KL loss form).
+
+    With the transition ``std`` returned by a step this is the exact per-dimension KL. Flow-GRPO divides by
+    ``g^2`` without the ``-dt`` factor (its issue #78); pass ``std / sqrt(sigma - sigma_next)`` to reproduce it.
+    """
+    sq = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)  # [B, *latent]
+    return _reduce(sq, "mean")  # [B]
