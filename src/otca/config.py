@@ -1,0 +1,225 @@
+"""The run configuration: one typed tree with a docstring under every field.
+
+Defaults train the embedded default (the tiny FLUX on digits) with OTCA. A YAML file and ``key=value``
+overrides only change fields that exist: an unknown key or a value of the wrong type is a one-line error
+naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from otca.credit import CreditConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema (one line, names the field)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1)
+    """LoRA rank r."""
+    alpha: float = 8.0
+    """LoRA alpha (the update is scaled by alpha / rank)."""
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    """Module names (peft ``target_modules``) that get LoRA adapters."""
+
+
+class ModelConfig(_Section):
+    kind: str = "digits-flux"
+    """Which generator adapter builds the policy (a name in ``otca.models.registry``)."""
+    path: str | None = None
+    """Local diffusers model directory (real models); None for the embedded default's shipped weights."""
+    options: dict[str, Any] = {}
+    """Adapter-specific keyword options (guidance scale, resolution, ...), passed to the builder."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of all weights (None = full fine-tuning)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Model weights/compute dtype; the credit and SDE math always run in fp32."""
+
+
+class RewardSpec(_Section):
+    name: str
+    """A registered reward (``otca.rewards.registry``)."""
+    weight: float = 1.0
+    """Weight of this objective in linear aggregators (grpo, flow-grpo, gdpo); MOCA ignores it."""
+    options: dict[str, Any] = {}
+    """Keyword options for the reward's factory (local weight paths, batch size, ...)."""
+
+
+class PromptConfig(_Section):
+    train: str = "digits:train"
+    """Training prompts: 'digits:<split>' for the embedded world, or a text file with one prompt per line."""
+    eval: str = "digits:eval"
+    """Held-out evaluation prompts, same forms as ``train``."""
+
+
+class SamplerConfig(_Section):
+    num_steps: int = Field(16, ge=1)
+    """Denoising steps T of a rollout."""
+    shift: float = Field(3.0, gt=0)
+    """Time shift s of the sigma schedule: sigma -> s*sigma / (1 + (s-1)*sigma)."""
+    sde: str = "flow-sde"
+    """Stochastic transition of rollouts: 'flow-sde' (Flow-GRPO) or 'dance-sde' (DanceGRPO)."""
+    eta: float = Field(0.7, ge=0)
+    """Noise level of the SDE (Flow-SDE: std_t = eta*sqrt(sigma/(1-sigma)); Dance-SDE: constant eta)."""
+    same_noise_per_group: bool = True
+    """All samples of a prompt group start from the same initial noise (DanceGRPO's init_same_noise)."""
+    final_latent: Literal["x0", "last"] = "x0"
+    """Latent that is decoded, scored and used by TCD: the last step's clean prediction or the last state."""
+    eval_steps: int = Field(16, ge=1)
+    """ODE steps used for evaluation samples."""
+
+
+class TrainConfig(_Section):
+    iterations: int = Field(40, ge=0)
+    """Number of GRPO iterations (rollout + update)."""
+    prompts_per_iter: int = Field(6, ge=1)
+    """Prompt groups per iteration, summed over all processes."""
+    group_size: int = Field(8, ge=2)
+    """Samples per prompt (G)."""
+    scheme: str = "otca"
+    """Credit scheme by name (``otca.credit.scheme_names()``)."""
+    credit: CreditConfig = CreditConfig()
+    """Options of the credit math (advantage clip, TCD floor, MOCA epsilons, std convention, ...)."""
+    lr: float = Field(3e-4, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this value before each optimizer step (None = off)."""
+    updates_per_iter: int = Field(1, ge=1)
+    """Optimizer steps per iteration: the batch is split into this many parts, gradients accumulated within each."""
+    micro_batch: int = Field(16, ge=1)
+    """Samples per forward pass (rollout and update); gradients accumulate over micro-batches."""
+    inner_epochs: int = Field(1, ge=1)
+    """Passes over each iteration's rollouts (the ratio differs from 1 from the second optimizer step on)."""
+    clip_range: float = Field(1e-3, gt=0)
+    """PPO ratio clip epsilon: clip(rho, 1-eps, 1+eps)."""
+    objective: Literal["clip", "log-hinge"] = "clip"
+    """Policy objective: the clipped surrogate, or PCPO's log-hinge."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Weight of the KL to the initial policy (Flow-GRPO's mean-difference form); 0 = off."""
+    timestep_fraction: float = Field(1.0, gt=0, le=1)
+    """Fraction of the (non-dropped) transitions trained each iteration."""
+    timestep_selection: Literal["random", "prefix"] = "random"
+    """Which transitions: a random subset per sample (DanceGRPO) or the first ones (Flow-GRPO)."""
+    drop_last_step: bool = True
+    """Never train the last transition (DanceGRPO does this)."""
+    ema_decay: float | None = None
+    """Keep an EMA of the trainable weights (used for eval and sampling); None = off."""
+
+
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0)
+    """Evaluate every N iterations (0 = only before and after training)."""
+    samples_per_prompt: int = Field(4, ge=1)
+    """ODE samples per eval prompt (fixed seeds)."""
+    seed: int = 1234
+    """Seed of the evaluation noise (the same at every evaluation)."""
+    metrics: str | None = "digits"
+    """Eval-only metric suite (``otca.evaluate``), None for rewards only."""
+
+
+class RunConfig(_Section):
+    seed: int = 0
+    """Run seed: every sample's noise is seeded from (seed, iteration, global sample index)."""
+    out_dir: str = "runs/otca"
+    """Run directory (config, metrics, plots, samples, checkpoints, summary)."""
+    model: ModelConfig = ModelConfig()
+    """The generator."""
+    rewards: list[RewardSpec] = [
+        RewardSpec(name="digit-alignment"),
+        RewardSpec(name="stroke-quality"),
+        RewardSpec(name="jpeg-compressibility"),
+    ]
+    """The K training objectives (one column each of the reward matrix)."""
+    prompts: PromptConfig = PromptConfig()
+    """Prompt sets."""
+    sampler: SamplerConfig = SamplerConfig()
+    """Rollout sampling."""
+    train: TrainConfig = TrainConfig()
+    """Optimisation and credit assignment."""
+    eval: EvalConfig = EvalConfig()
+    """Evaluation."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Write a checkpoint every N iterations (0 = only at the end)."""
+    fsdp: bool = False
+    """Shard the model with FSDP2 instead of DDP when running under torchrun."""
+    progress: bool = True
+    """Show a progress bar with the live rewards."""
+    save_credit: bool = False
+    """Also save every iteration's global rewards, step gains and advantages under credit/ (for analysis)."""
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def _one_line(e: ValidationError, source: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown config key '{loc}'"
+    more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{source}: config field '{loc}': {err['msg']} (got {err.get('input')!r}){more}"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides (dotted keys)."""
+    tree: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}': not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{p}': expected a mapping at the top level")
+        tree = loaded or {}
+        source = str(p)
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, source)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
