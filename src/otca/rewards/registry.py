@@ -11,7 +11,16 @@ from otca.rewards.base import Reward
 REWARDS: Registry[Callable[..., Reward]] = Registry("reward")
 
 # Modules that register rewards, imported on first use so that heavy backbones load only when asked for.
-_PROVIDERS = ("otca.rewards.jpeg", "otca.worlds.digits.rewards")
+_PROVIDERS = (
+    "otca.rewards.jpeg",
+    "otca.worlds.digits.rewards",
+    "otca.rewards.clip",
+    "otca.rewards.pickscore",
+    "otca.rewards.aesthetic",
+    "otca.rewards.hps",
+    "otca.rewards.imagereward",
+    "otca.rewards.videoalign",
+)
 
 
 def _load_providers() -> None:

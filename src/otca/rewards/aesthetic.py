@@ -1,0 +1,72 @@
+"""LAION aesthetic predictor v2 ("improved aesthetic predictor"); registers ``laion-aesthetic``.
+
+``score = MLP(E_img(x) / |E_img(x)|)`` on the projected CLIP ViT-L/14 image embedding, 1-10 scale
+(christophschuhmann/improved-aesthetic-predictor, simple_inference.py; generated images score about 5-7,
+OTCA Table 1: 6.25 for FLUX). The head ``sac+logos+ava1-l14-linearMSE.pth`` is Linear 768-1024-128-64-16-1
+with dropouts and no activations. The prompt is not used.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from otca.rewards._common import (
+    CropPrep,
+    check_images,
+    chunked,
+    crop_prep_from_processor,
+    linear_chain,
+    load_checkpoint,
+    positive_int,
+    require_file,
+    tensor_dict,
+    torch_dtype,
+)
+from otca.rewards.clip import image_embeds, load_clip_model
+from otca.rewards.registry import register_reward
+
+
+class LaionAesthetic:
+    """``[B, 3, H, W]`` in [0, 1] -> ``[B]`` float32 aesthetic scores (prompts ignored)."""
+
+    def __init__(self, name: str, clip_model, prep: CropPrep, head: torch.nn.Module, batch_size: int):
+        self.name = name
+        self.model = clip_model
+        self.prep = prep
+        p = next(clip_model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.head = head.to(self.device)  # fp32: it is tiny and the reference runs it in fp32
+        self.batch_size = positive_int(name, "batch_size", batch_size)
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return chunked(self._score, check_images(self.name, pixels, prompts), prompts, self.batch_size)
+
+    def _score(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        x = self.prep(pixels.to(self.device)).to(self.dtype)  # [b, 3, 224, 224]
+        return self.head(image_embeds(self.model, x)).squeeze(-1)  # [b, D] unit rows -> [b]
+
+
+@register_reward("laion-aesthetic")
+def laion_aesthetic(
+    path: str | None = None,
+    clip_path: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int = 16,
+) -> LaionAesthetic:
+    """``path``: the v2 head (``sac+logos+ava1-l14-linearMSE.pth`` state dict, or the same keys as
+    .safetensors). ``clip_path``: a local transformers CLIP ViT-L/14 directory (openai/clip-vit-large-patch14),
+    whose preprocessor_config.json gives the preprocessing; shared with ``clip-t`` when both use it."""
+    name = "laion-aesthetic"
+    head_file = require_file(name, path, "path", "aesthetic head file")
+    head = linear_chain(name, head_file, tensor_dict(name, head_file, load_checkpoint(name, head_file)), "")
+    model = load_clip_model(name, clip_path, "clip_path", device, torch_dtype(name, dtype))
+    if head[0].in_features != model.config.projection_dim:
+        raise ValueError(
+            f"reward '{name}': head '{head_file}' takes {head[0].in_features}-d embeddings but the CLIP in "
+            f"'{clip_path}' projects to {model.config.projection_dim} (expected ViT-L/14, 768)"
+        )
+    return LaionAesthetic(name, model, crop_prep_from_processor(name, clip_path, "clip_path"), head, batch_size)

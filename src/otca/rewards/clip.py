@@ -1,0 +1,158 @@
+"""CLIP image-text similarity rewards on transformers' ``CLIPModel``; registers ``clip-t``.
+
+``clip-t`` is the raw cosine ``cos(E_img(x), E_txt(p))`` of the projected, L2-normalized embeddings, without
+the logit scale: the convention of DanceGRPO and the OTCA paper (Table 1 reports 0.268 for FLUX). 100x this
+is torchmetrics' CLIPScore before its clamp at 0. The paper does not name its CLIP; we expect
+``openai/clip-vit-large-patch14`` (a local snapshot directory), but any transformers CLIP directory works.
+
+The pieces here (:class:`ClipSimilarity`, the model/tokenizer loaders, the embedding functions) are shared by
+PickScore, HPSv2.1 and the LAION aesthetic reward.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from otca.rewards._common import (
+    check_images,
+    chunked,
+    crop_prep_from_processor,
+    l2_normalize,
+    option_hint,
+    positive_int,
+    require_dir,
+    torch_dtype,
+    transformers_module,
+)
+from otca.rewards.registry import register_reward
+
+# A byte-level BPE has at least the 256 byte symbols; fewer means the vocabulary files were not read
+# (transformers 5 ``CLIPTokenizer(vocab_file=...)`` silently builds a 3-token toy vocabulary).
+_MIN_BPE_VOCAB = 256
+
+
+@lru_cache(maxsize=4)
+def _cached_clip(directory: str, device: str, dtype: torch.dtype):
+    """One CLIPModel per (directory, device, dtype): clip-t and laion-aesthetic share the ViT-L/14 backbone."""
+    tf = transformers_module()
+    model, info = tf.CLIPModel.from_pretrained(
+        directory, local_files_only=True, dtype=dtype, output_loading_info=True
+    )
+    if info["missing_keys"] or info["mismatched_keys"]:
+        bad = sorted(info["missing_keys"]) + [m[0] for m in info["mismatched_keys"]]
+        raise ValueError(f"CLIP weights in '{directory}' do not fit its config: {bad[:5]} ({len(bad)} in all)")
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_clip_model(reward: str, directory: str | Path | None, option: str, device: str, dtype: torch.dtype):
+    """A transformers ``CLIPModel`` from a local directory (config.json + weights), eval mode, no grad."""
+    d = require_dir(reward, directory, option, "CLIP model directory", needs=("config.json",))
+    return _cached_clip(str(d.resolve()), str(torch.device(device)), dtype)
+
+
+def load_clip_tokenizer(reward: str, directory: str | Path | None, option: str):
+    """The CLIP BPE tokenizer of a local directory (tokenizer.json, or vocab.json + merges.txt)."""
+    d = require_dir(reward, directory, option, "tokenizer directory")
+    if not (d / "tokenizer.json").is_file() and not ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()):
+        raise FileNotFoundError(
+            f"reward '{reward}': '{d}' has neither tokenizer.json nor vocab.json + merges.txt "
+            + option_hint(reward, option)
+        )
+    tok = transformers_module().CLIPTokenizer.from_pretrained(str(d), local_files_only=True)
+    if len(tok) < _MIN_BPE_VOCAB:
+        raise ValueError(f"reward '{reward}': tokenizer in '{d}' has {len(tok)} tokens, expected a CLIP BPE vocabulary")
+    return tok
+
+
+def image_embeds(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Unit-norm projected image embeddings ``[B, D]`` (fp32) of preprocessed ``[B, 3, S, S]`` pixels."""
+    out = model.get_image_features(pixel_values=pixel_values)
+    return l2_normalize(getattr(out, "pooler_output", out))  # transformers 5 returns an output object
+
+
+def text_embeds(model, tokenizer, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
+    """Unit-norm projected text embeddings ``[B, D]`` (fp32); truncation at the model's context (77).
+
+    Padding does not change a prompt's embedding: the causal mask keeps pads out of the pooled EOT state.
+    """
+    max_len = model.config.text_config.max_position_embeddings
+    t = tokenizer(list(prompts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    out = model.get_text_features(input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device))
+    return l2_normalize(getattr(out, "pooler_output", out))
+
+
+class ClipSimilarity:
+    """``score_i = scale * cos(E_img(prep(x_i)), E_txt(p_i))`` -> ``[B]`` float32 on CPU.
+
+    ``scale`` is 1 for CLIP-T and HPS (raw cosine), ``exp(logit_scale)`` for PickScore. Runs in eval mode
+    without gradients, ``batch_size`` samples at a time.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model,
+        tokenizer,
+        prep: Callable[[torch.Tensor], torch.Tensor],
+        scale: float,
+        batch_size: int,
+    ):
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prep = prep
+        self.scale = float(scale)
+        self.batch_size = positive_int(name, "batch_size", batch_size)
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return chunked(self._score, check_images(self.name, pixels, prompts), prompts, self.batch_size)
+
+    def _score(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        x = self.prep(pixels.to(self.device)).to(self.dtype)  # [b, 3, S, S]; fp32 preprocessing
+        img = image_embeds(self.model, x)  # [b, D]
+        txt = text_embeds(self.model, self.tokenizer, prompts, self.device)  # [b, D]
+        return self.scale * (img * txt).sum(-1)  # [b]
+
+
+def hf_clip_similarity(
+    name: str,
+    path: str | None,
+    processor_path: str | None,
+    use_logit_scale: bool,
+    device: str,
+    dtype: str,
+    batch_size: int,
+) -> ClipSimilarity:
+    """A :class:`ClipSimilarity` on a transformers CLIP directory; tokenizer and preprocessing are read from
+    ``processor_path`` (default: ``path``)."""
+    model = load_clip_model(name, path, "path", device, torch_dtype(name, dtype))
+    proc_option = "processor_path" if processor_path else "path"
+    proc_dir = processor_path or path
+    tokenizer = load_clip_tokenizer(name, proc_dir, proc_option)
+    prep = crop_prep_from_processor(name, proc_dir, proc_option)
+    scale = float(model.logit_scale.exp()) if use_logit_scale else 1.0
+    return ClipSimilarity(name, model, tokenizer, prep, scale, batch_size)
+
+
+@register_reward("clip-t")
+def clip_t(
+    path: str | None = None,
+    processor_path: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int = 16,
+) -> ClipSimilarity:
+    """CLIP-T: raw cosine similarity of image and prompt (about 0.2-0.35 for a strong CLIP).
+
+    ``path``: a local transformers CLIP directory (e.g. a snapshot of openai/clip-vit-large-patch14) with
+    config.json, weights, tokenizer files and preprocessor_config.json; ``processor_path`` overrides where
+    the tokenizer and preprocessor files are read from.
+    """
+    return hf_clip_similarity("clip-t", path, processor_path, False, device, dtype, batch_size)
