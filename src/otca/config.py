@@ -169,7 +169,7 @@ class RunConfig(_Section):
 # ---------------------------------------------------------------- loading and overrides
 
 
-def _one_line(e: ValidationError, source: str) -> str:
+def format_validation_error(e: ValidationError, source: str) -> str:
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"]) or "<root>"
     if err["type"] == "extra_forbidden":
@@ -218,7 +218,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_one_line(e, source)) from None
+        raise ConfigError(format_validation_error(e, source)) from None
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -1,0 +1,65 @@
+"""Generator adapters by name: ``build_policy(model_config, device)`` -> a FlowPolicy.
+
+A builder takes the run's ``ModelConfig`` (kind, local path, options, LoRA, dtype) and the device. Heavy
+imports happen inside the builder, so only the chosen model family is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from otca.models.base import FlowPolicy
+from otca.registry import Registry
+
+if TYPE_CHECKING:
+    from otca.config import ModelConfig
+
+POLICIES: Registry[Callable[["ModelConfig", torch.device], FlowPolicy]] = Registry("model kind")
+
+
+# Modules that register more adapters, imported on first use (each imports its heavy modules lazily).
+_PROVIDERS = ("otca.models.flux", "otca.models.sd3", "otca.models.wan")
+
+
+def _load_providers() -> None:
+    for mod in _PROVIDERS:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:  # a provider that exists but is broken must fail loudly
+                raise
+
+
+def register_policy(name: str):
+    """Decorator for a builder ``(model_config, device) -> FlowPolicy``."""
+    return POLICIES.register(name)
+
+
+def build_policy(cfg: "ModelConfig", device: torch.device) -> FlowPolicy:
+    _load_providers()
+    return POLICIES.get(cfg.kind)(cfg, device)
+
+
+def policy_kinds() -> list[str]:
+    _load_providers()
+    return POLICIES.names()
+
+
+@register_policy("digits-flux")
+def _digits_flux(cfg: "ModelConfig", device: torch.device) -> FlowPolicy:
+    """The embedded default: the tiny FLUX on digits, from the weights shipped in the package."""
+    from otca.worlds.digits.policy import load_digits_policy
+
+    if cfg.path is not None:
+        cfg_opts = {**cfg.options, "assets_dir": cfg.path}
+    else:
+        cfg_opts = dict(cfg.options)
+    policy = load_digits_policy(**cfg_opts, device=device, dtype=getattr(torch, cfg.dtype))
+    if cfg.lora is not None:
+        from otca.models.lora import add_lora
+
+        add_lora(policy, cfg.lora)
+    return policy

@@ -1,0 +1,326 @@
+"""The Stable Diffusion 3 / 3.5 adapter: a diffusers ``SD3Transformer2DModel`` as a FlowPolicy.
+
+Conventions follow diffusers' ``pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py`` (read, not
+copied): latents ``[B, 16, H/8, W/8]`` are the VAE's ``(z - shift_factor) * scaling_factor``; the transformer
+takes the timestep as ``1000 * sigma``; the text conditioning is CLIP-L and CLIP-G penultimate hidden states
+(77 tokens each, concatenated on features and zero-padded to T5's width) followed on the sequence axis by T5's
+``max_sequence_length`` tokens, plus the two CLIP projections concatenated as the pooled vector; classifier-free
+guidance against a negative prompt runs inside ``velocity`` whenever ``guidance_scale > 1``.
+
+Registered as model kind ``"sd3"``: ``model.path`` is a local ``StableDiffusion3Pipeline`` directory, or
+``model.options.tiny: true`` builds a random twin of a few tens of thousands of parameters in-process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import Field
+
+from otca.models._diffusers_common import (
+    AdapterOptions,
+    BatchedCond,
+    DiffusersPolicy,
+    PromptEmbeddingCache,
+    cast_module,
+    freeze,
+    frozen_vae,
+    guided_forward,
+    model_dir,
+    parse_options,
+    prepare_denoisers,
+    sigma_to_timestep,
+    subfolder,
+    tiny_and_path_exclusive,
+    tiny_clip_tokenizer,
+    tiny_t5_tokenizer,
+    vae_to_unit,
+)
+from otca.models.registry import register_policy
+
+if TYPE_CHECKING:
+    from otca.config import ModelConfig
+
+# Flow-GRPO's SD3.5-M guidance for rollout and training (diffusers' pipeline default is 7.0).
+SD3_GUIDANCE = 4.5
+# The pipeline's default T5 length (it allows up to 512).
+SD3_T5_TOKENS = 256
+# The sub-folders of a StableDiffusion3Pipeline directory that the adapter reads, text encoders last.
+SD3_TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+SD3_EMBEDDING_FIELDS = ("prompt_embeds", "pooled")
+
+
+@dataclass(frozen=True)
+class SD3Cond(BatchedCond):
+    """SD3 text conditioning for B prompts (``neg_*`` only when the policy runs CFG); sliceable along B."""
+
+    prompt_embeds: torch.Tensor  # [B, 77 + L, D]
+    pooled: torch.Tensor  # [B, P]
+    neg_prompt_embeds: torch.Tensor | None = None  # [B, 77 + L, D]
+    neg_pooled: torch.Tensor | None = None  # [B, P]
+
+
+class SD3TextEncoder(torch.nn.Module):
+    """The three frozen SD3 text encoders: ``prompts -> {"prompt_embeds": [B, 77 + L, D], "pooled": [B, P]}``.
+
+    ``D`` is T5's width (the transformer's ``joint_attention_dim``), ``P`` the sum of the two CLIP projection
+    widths (its ``pooled_projection_dim``), ``L = max_sequence_length``.
+    """
+
+    def __init__(
+        self,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        text_encoder_2: torch.nn.Module,
+        tokenizer_2: Any,
+        text_encoder_3: torch.nn.Module,
+        tokenizer_3: Any,
+        max_sequence_length: int = SD3_T5_TOKENS,
+    ):
+        super().__init__()
+        self.text_encoder = freeze(text_encoder)
+        self.text_encoder_2 = freeze(text_encoder_2)
+        self.text_encoder_3 = freeze(text_encoder_3)
+        self.tokenizers = (tokenizer, tokenizer_2, tokenizer_3)
+        self.max_sequence_length = max_sequence_length
+
+    def _device(self) -> torch.device:
+        return next(self.text_encoder.parameters()).device
+
+    def _clip(self, tokenizer: Any, encoder: torch.nn.Module, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate hidden states ``[B, 77, H]`` (the pipeline's ``clip_skip=None``) and the projection ``[B, P_i]``."""
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids  # [B, 77]
+        out = encoder(ids.to(self._device()), output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds
+
+    def _t5(self, prompts: list[str]) -> torch.Tensor:
+        """T5 last hidden states ``[B, L, D]`` (no attention mask, as the pipeline)."""
+        ids = self.tokenizers[2](
+            prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+            add_special_tokens=True, return_tensors="pt",
+        ).input_ids  # [B, L]
+        return self.text_encoder_3(ids.to(self._device()))[0]
+
+    def forward(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        h_l, pool_l = self._clip(self.tokenizers[0], self.text_encoder, prompts)  # [B, 77, Hl], [B, Pl]
+        h_g, pool_g = self._clip(self.tokenizers[1], self.text_encoder_2, prompts)  # [B, 77, Hg], [B, Pg]
+        t5 = self._t5(prompts)  # [B, L, D]
+        clip = torch.cat([h_l, h_g], dim=-1)  # [B, 77, Hl + Hg]
+        if clip.shape[-1] > t5.shape[-1]:
+            raise ValueError(f"SD3 text encoders: CLIP width {clip.shape[-1]} exceeds T5 width {t5.shape[-1]}")
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1])).to(t5.dtype)  # [B, 77, D]
+        return {
+            "prompt_embeds": torch.cat([clip, t5], dim=-2),  # [B, 77 + L, D]
+            "pooled": torch.cat([pool_l, pool_g], dim=-1),  # [B, Pl + Pg]
+        }
+
+
+class SD3Policy(DiffusersPolicy):
+    """An ``SD3Transformer2DModel`` with its VAE and text encoders (or an embedding cache) as a FlowPolicy.
+
+    Latents ``[B, C, H/f, W/f]`` (f = the VAE's downsampling factor, C its latent channels). ``velocity`` returns
+    ``v = noise - x0`` in x's dtype, computed by the transformer in its own dtype and guided in fp32.
+    """
+
+    kind = "sd3"
+    cond_type = SD3Cond
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        vae: torch.nn.Module,
+        text: SD3TextEncoder | PromptEmbeddingCache,
+        *,
+        height: int,
+        width: int,
+        guidance_scale: float = SD3_GUIDANCE,
+        negative_prompt: str = "",
+    ):
+        tcfg, vcfg = transformer.config, vae.config
+        factor = 2 ** (len(vcfg.block_out_channels) - 1)  # the pipeline's vae_scale_factor
+        multiple = factor * tcfg.patch_size
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise ValueError(f"model.options height/width: expected positive multiples of {multiple}, got {height}x{width}")
+        if tcfg.in_channels != vcfg.latent_channels:
+            raise ValueError(
+                f"SD3: transformer in_channels {tcfg.in_channels} != VAE latent_channels {vcfg.latent_channels}"
+            )
+        super().__init__(
+            text,
+            latent_shape=(tcfg.in_channels, height // factor, width // factor),
+            cfg_on=guidance_scale > 1,
+            negative_prompt=negative_prompt,
+        )
+        self.transformer = transformer
+        self.vae = frozen_vae(vae)
+        self.guidance_scale = float(guidance_scale)
+        # Rollout and re-evaluation must see one deterministic network (ratio 1): no dropout, as after from_pretrained.
+        self.eval()
+
+    def _net(self, x: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """One transformer pass: ``x [n, C, h, w]`` in its dtype, ``t [n]`` in [0, 1000] -> ``[n, C, h, w]``."""
+        return self.transformer(
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=prompt_embeds.to(x.dtype),
+            pooled_projections=pooled.to(x.dtype),
+            return_dict=False,
+        )[0]
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: SD3Cond) -> torch.Tensor:
+        """Flow velocity ``[B, C, h, w]`` (x's dtype) at ``x [B, C, h, w]`` and ``sigma [B]``, CFG inside."""
+        b = x.shape[0]
+        if len(cond) != b:
+            raise ValueError(f"velocity: cond has {len(cond)} prompts for a batch of {b} latents")
+        t = sigma_to_timestep(sigma, b, x.device)  # [B]
+        v = guided_forward(
+            self._net, x.to(self.transformer.dtype), t, cond.positive(), cond.negative(), self.guidance_scale
+        )  # [B, C, h, w] fp32
+        return v.to(x.dtype)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] ``[B, 3, H, W]`` (fp32) from latents ``[B, C, h, w]``: ``z = x / scaling + shift``."""
+        cfg = self.vae.config
+        # SD3.0/3.5 VAEs carry a shift_factor; a VAE without one (None) has none to undo.
+        z = (x.float() / cfg.scaling_factor + (cfg.shift_factor or 0.0)).to(self.vae.dtype)  # [B, C, h, w]
+        return vae_to_unit(self.vae.decode(z, return_dict=False)[0])  # [B, 3, H, W]
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+class SD3Options(AdapterOptions):
+    """``model.options`` of model kind ``sd3``."""
+
+    tiny: bool = False
+    """Build random tiny weights in-process (no files); model.path must then be unset."""
+    seed: int = 0
+    """Seed of the tiny random weights (the global RNG is left untouched)."""
+    guidance_scale: float = Field(SD3_GUIDANCE, ge=0)
+    """Classifier-free guidance scale, applied in rollout and training alike; on when > 1."""
+    negative_prompt: str = ""
+    """The unconditional prompt of CFG."""
+    resolution: int | None = Field(None, gt=0)
+    """Square image side in pixels; default: the transformer's sample_size times the VAE factor (1024 for SD3.5)."""
+    height: int | None = Field(None, gt=0)
+    """Image height in pixels (overrides resolution)."""
+    width: int | None = Field(None, gt=0)
+    """Image width in pixels (overrides resolution)."""
+    max_sequence_length: int = Field(SD3_T5_TOKENS, ge=1, le=512)
+    """T5 tokens per prompt."""
+    embeddings: str | None = None
+    """Precomputed prompt embeddings (a file of SD3Policy.save_prompt_embeddings); the text encoders are not loaded."""
+    vae_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the VAE (decoding only)."""
+
+
+def tiny_sd3_components(seed: int = 0, text: bool = True) -> dict[str, Any]:
+    """Random tiny SD3 parts keyed by their diffusers sub-folder names (fp32, 32x32 pixels by default).
+
+    Shapes mirror SD3.5 at a small width: 16 latent channels, the VAE's SD3 scaling/shift factors, two CLIP
+    encoders of different widths, a T5 wider than both together, a dual-attention first block and RMS q/k norm.
+    """
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        parts: dict[str, Any] = {
+            "transformer": SD3Transformer2DModel(
+                sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+                num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=40,
+                pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+            ),
+            "vae": AutoencoderKL(
+                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 16), layers_per_block=1,
+                latent_channels=16, norm_num_groups=4, sample_size=32, scaling_factor=1.5305, shift_factor=0.0609,
+                use_quant_conv=False, use_post_quant_conv=False,
+            ),
+        }
+        if text:
+            for enc, tok, width in (("text_encoder", "tokenizer", 16), ("text_encoder_2", "tokenizer_2", 24)):
+                parts[enc] = CLIPTextModelWithProjection(
+                    CLIPTextConfig(
+                        vocab_size=len(clip_tok), hidden_size=width, intermediate_size=2 * width, projection_dim=width,
+                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=clip_tok.model_max_length,
+                        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                    )
+                )
+                parts[tok] = clip_tok
+            parts["text_encoder_3"] = T5EncoderModel(
+                T5Config(
+                    vocab_size=len(t5_tok), d_model=48, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                    relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                )
+            )
+            parts["tokenizer_3"] = t5_tok
+    return parts
+
+
+def load_sd3_components(root: Path, *, text: bool, dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
+    """The parts of a local StableDiffusion3Pipeline directory (no network), text encoders only if ``text``."""
+    names = ("transformer", "vae", *(SD3_TEXT_PARTS if text else ()))
+    folders = {n: subfolder(root, n, "sd3") for n in names}  # every folder checked before anything loads
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    parts: dict[str, Any] = {
+        "transformer": SD3Transformer2DModel.from_pretrained(folders["transformer"], torch_dtype=dtype),
+        "vae": AutoencoderKL.from_pretrained(folders["vae"], torch_dtype=vae_dtype),
+    }
+    if text:
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        classes = (CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel)
+        for cls, enc, tok in zip(classes, SD3_TEXT_PARTS[0::2], SD3_TEXT_PARTS[1::2]):
+            parts[enc] = cls.from_pretrained(folders[enc], dtype=dtype, local_files_only=True)
+            parts[tok] = AutoTokenizer.from_pretrained(folders[tok], local_files_only=True)
+    return parts
+
+
+def sd3_policy_from_components(
+    parts: dict[str, Any],
+    opts: SD3Options,
+    dtype: torch.dtype,
+    vae_dtype: torch.dtype,
+    cache: PromptEmbeddingCache | None = None,
+) -> SD3Policy:
+    """Assemble the policy from :func:`tiny_sd3_components` / :func:`load_sd3_components` parts and the options;
+    with a ``cache`` the text-encoder parts are not needed."""
+    transformer = cast_module(parts["transformer"], dtype)
+    vae = cast_module(parts["vae"], vae_dtype)
+    text = cache
+    if text is None:
+        encoders = {k: cast_module(parts[k], dtype) if k.startswith("text_encoder") else parts[k] for k in SD3_TEXT_PARTS}
+        text = SD3TextEncoder(**encoders, max_sequence_length=opts.max_sequence_length)
+    side = opts.resolution or transformer.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    return SD3Policy(
+        transformer, vae, text,
+        height=opts.height or side, width=opts.width or side,
+        guidance_scale=opts.guidance_scale, negative_prompt=opts.negative_prompt,
+    )
+
+
+@register_policy("sd3")
+def build_sd3(cfg: "ModelConfig", device: torch.device) -> SD3Policy:
+    """Model kind ``sd3``: a local SD3/SD3.5 diffusers directory at ``cfg.path`` (or ``options.tiny``), with
+    ``cfg.lora`` and gradient checkpointing on the transformer, weights and text encoders in ``cfg.dtype``."""
+    opts = parse_options(SD3Options, cfg.options)
+    tiny_and_path_exclusive(cfg, opts.tiny)
+    dtype, vae_dtype = getattr(torch, cfg.dtype), getattr(torch, opts.vae_dtype)
+    root = None if opts.tiny else model_dir(cfg)
+    # The cache is read before the weights: a bad file fails before gigabytes load.
+    cache = None if opts.embeddings is None else PromptEmbeddingCache(opts.embeddings, "sd3", SD3_EMBEDDING_FIELDS)
+    if root is None:
+        parts = tiny_sd3_components(opts.seed, text=cache is None)
+    else:
+        parts = load_sd3_components(root, text=cache is None, dtype=dtype, vae_dtype=vae_dtype)
+    policy = sd3_policy_from_components(parts, opts, dtype, vae_dtype, cache)
+    prepare_denoisers([policy.transformer], cfg)
+    return policy.to(device)
