@@ -1,0 +1,5 @@
+import sys
+
+from otca.cli import main
+
+sys.exit(main())

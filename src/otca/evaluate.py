@@ -1,0 +1,83 @@
+"""Evaluation: ODE samples on fixed prompts and seeds, scored by every training reward and by eval-only metrics.
+
+Eval-only metric suites are registered by name (``register_eval_suite``) and take
+``(pixels [N, ...], prompts, group_ids [N]) -> {metric name: value}``; training never sees them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from otca.flow import make_sigmas
+from otca.models.base import FlowPolicy
+from otca.registry import Registry
+from otca.rewards.base import RewardSet
+from otca.rollout import initial_noise, sample_ode
+
+EvalSuite = Callable[[torch.Tensor, Sequence[str], torch.Tensor], dict[str, float]]
+EVAL_SUITES: Registry[EvalSuite] = Registry("eval metric suite")
+
+
+def register_eval_suite(name: str):
+    return EVAL_SUITES.register(name)
+
+
+@register_eval_suite("digits")
+def _digits_suite(pixels: torch.Tensor, prompts: Sequence[str], group_ids: torch.Tensor) -> dict[str, float]:
+    from otca.worlds.digits.metrics import evaluate_digits
+
+    return evaluate_digits(pixels, list(prompts), group_ids)
+
+
+def load_prompts(spec: str) -> list[str]:
+    """'digits:<split>' (the embedded world's vocabulary) or a text file with one prompt per line."""
+    if spec.startswith("digits:"):
+        from otca.worlds.digits.prompts import all_prompts
+
+        return all_prompts(spec.split(":", 1)[1])
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file '{path}' not found (expected a text file, one prompt per line, or 'digits:<split>')")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file '{path}' has no prompts")
+    return prompts
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # 'reward/<name>' for training rewards, suite names for eval-only metrics
+    pixels: torch.Tensor  # [N, ...] in [0, 1]
+    prompts: list[str]
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy: FlowPolicy,
+    rewards: RewardSet,
+    prompts: Sequence[str],
+    *,
+    samples_per_prompt: int,
+    num_steps: int,
+    shift: float,
+    seed: int,
+    suite: str | None,
+    micro_batch: int = 32,
+) -> EvalResult:
+    """Deterministic ODE samples (fixed seeds) for every prompt, then rewards and the eval-only suite."""
+    all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+    group_ids = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
+    n = len(all_prompts)
+    x = initial_noise(policy, seed, 0, range(n), group_ids.tolist(), same_per_group=False)
+    cond = policy.encode(all_prompts)
+    x = sample_ode(policy, cond, x, make_sigmas(num_steps, shift), micro_batch=micro_batch)
+    pixels = policy.decode(x).float().clamp(0, 1)
+    scores = rewards(pixels, all_prompts)  # [N, K]
+    metrics = {f"reward/{name}": float(scores[:, k].mean()) for k, name in enumerate(rewards.names)}
+    if suite is not None:
+        metrics.update(EVAL_SUITES.get(suite)(pixels.cpu(), all_prompts, group_ids))
+    return EvalResult(metrics, pixels.cpu(), all_prompts)

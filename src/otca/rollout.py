@@ -1,0 +1,134 @@
+"""Rollouts: sample trajectories with the core's SDE and keep what credit and loss need.
+
+Every random draw is seeded from (run seed, iteration, stream, global index), never from the process
+rank, so a run gives the same samples whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from otca.flow import get_transition, ode_step, predict_x0
+from otca.models.base import FlowPolicy
+
+# Independent random streams of one iteration.
+STREAM_INIT_NOISE = 0
+STREAM_SDE_NOISE = 1
+STREAM_STEP_MASK = 2
+STREAM_PROMPTS = 3
+
+
+def seeded_generator(*key: int) -> torch.Generator:
+    """A CPU generator whose seed is a hash of the integer key (numpy's SeedSequence mixing)."""
+    state = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@dataclass
+class Trajectory:
+    """A batch of sampled trajectories (denoising order, see DESIGN.md conventions)."""
+
+    latents: torch.Tensor  # [B, T+1, *latent]: index 0 = initial noise, k -> k+1 is transition k
+    log_probs: torch.Tensor  # [B, T] fp32: log-density of transition k under the sampling policy
+    final: torch.Tensor  # [B, *latent]: the latent that is decoded and scored
+    sigmas: torch.Tensor  # [T+1] fp32
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def velocity_in_chunks(
+    velocity: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    cond: Any,
+    micro_batch: int,
+) -> torch.Tensor:
+    """``velocity`` over micro-batches of ``x [B, *latent]``, ``sigma [B]``; cond is sliced alongside.
+
+    The update phase uses the same chunks, so a re-evaluated log-density equals the sampled one bit for bit.
+    """
+    return torch.cat([velocity(x[s], sigma[s], cond[s]) for s in _chunks(x.shape[0], micro_batch)], dim=0)
+
+
+def initial_noise(
+    policy: FlowPolicy, seed: int, iteration: int, indices: Sequence[int], group_ids: Sequence[int], same_per_group: bool
+) -> torch.Tensor:
+    """``[b, *latent]`` initial latents, one generator per sample (or per group when shared)."""
+    keys = group_ids if same_per_group else indices
+    gens = [seeded_generator(seed, iteration, STREAM_INIT_NOISE, int(k)) for k in keys]
+    return policy.init_latents(len(gens), gens)
+
+
+@torch.no_grad()
+def sample_sde(
+    policy: FlowPolicy,
+    cond: Any,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    sde: str,
+    eta: float,
+    seed: int,
+    iteration: int,
+    indices: Sequence[int],
+    final_latent: str = "x0",
+    micro_batch: int = 16,
+) -> Trajectory:
+    """Roll out ``x [b, *latent]`` through ``T = len(sigmas) - 1`` stochastic transitions.
+
+    ``indices`` are the samples' global indices: the SDE noise of sample i comes from its own generator.
+    """
+    step = get_transition(sde)
+    gens = [seeded_generator(seed, iteration, STREAM_SDE_NOISE, int(i)) for i in indices]
+    b, T = x.shape[0], len(sigmas) - 1
+    latents, log_probs = [x], []
+    x0_hat = x
+    for k in range(T):
+        sig = sigmas[k].expand(b)  # [b]
+        v = velocity_in_chunks(policy.velocity, x, sig.to(x.device), cond, micro_batch)
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, torch.float32)
+        x0_hat = predict_x0(x, v, float(sigmas[k]))
+        x, logp, _, _ = step(x, v, float(sigmas[k]), float(sigmas[k + 1]), eta=eta, noise=noise)
+        latents.append(x)
+        log_probs.append(logp)
+    final = x0_hat if final_latent == "x0" else x
+    return Trajectory(torch.stack(latents, 1), torch.stack(log_probs, 1), final, sigmas)
+
+
+@torch.no_grad()
+def sample_ode(policy: FlowPolicy, cond: Any, x: torch.Tensor, sigmas: torch.Tensor, micro_batch: int = 16) -> torch.Tensor:
+    """Deterministic Euler sampling (evaluation): returns the final latent ``[b, *latent]``."""
+    b = x.shape[0]
+    for k in range(len(sigmas) - 1):
+        v = velocity_in_chunks(policy.velocity, x, sigmas[k].expand(b).to(x.device), cond, micro_batch)
+        x = ode_step(x, v, float(sigmas[k]), float(sigmas[k + 1]))
+    return x
+
+
+def select_train_steps(
+    n: int, T: int, *, fraction: float, mode: str, drop_last: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """Trained-transition mask ``[n, T]`` bool.
+
+    Candidates are transitions ``0..T-1`` (``0..T-2`` with ``drop_last``, as DanceGRPO); of those,
+    ``max(1, floor(fraction * n_candidates))`` are trained: a random subset per sample (``mode='random'``,
+    DanceGRPO's per-sample permutation) or the first ones (``'prefix'``, Flow-GRPO).
+    """
+    n_cand = T - 1 if drop_last and T > 1 else T
+    n_train = max(1, int(fraction * n_cand))
+    mask = torch.zeros(n, T, dtype=torch.bool)
+    if mode == "prefix":
+        mask[:, :n_train] = True
+    elif mode == "random":
+        scores = torch.rand(n, n_cand, generator=generator)  # [n, n_cand]
+        chosen = scores.argsort(dim=1)[:, :n_train]
+        mask[:, :n_cand] = torch.zeros(n, n_cand, dtype=torch.bool).scatter_(1, chosen, True)
+    else:
+        raise ValueError(f"timestep_selection '{mode}': expected 'random' or 'prefix'")
+    return mask

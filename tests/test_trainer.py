@@ -1,0 +1,143 @@
+"""End-to-end runs of the GRPO loop on the embedded default, at toy size (CPU, seconds each)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from otca.config import load_config
+from otca.rewards.base import RewardError
+from otca.rewards.registry import REWARDS, register_reward
+from otca.trainer import Trainer
+
+TINY = [
+    "train.prompts_per_iter=2",
+    "train.group_size=4",
+    "train.micro_batch=4",
+    "sampler.num_steps=4",
+    "sampler.eval_steps=4",
+    "eval.samples_per_prompt=1",
+    "prompts.eval=digits:eval",
+    "progress=false",
+]
+
+
+def run(tmp_path: Path, *overrides: str, name="run") -> tuple[Trainer, dict]:
+    cfg = load_config(None, [*TINY, f"out_dir={tmp_path / name}", *overrides])
+    tr = Trainer(cfg)
+    return tr, tr.train()
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(run_dir / "checkpoints" / ckpt / "trainable.safetensors"))
+
+
+def test_two_iterations_write_the_whole_run_directory(tmp_path):
+    cfg = load_config(None, [*TINY, f"out_dir={tmp_path / 'run'}", "train.iterations=2"])
+    tr = Trainer(cfg)
+    initial = {n: p.detach().clone() for n, p in tr.params.items()}
+    summary = tr.train()
+    d = tr.run_dir
+    for f in ["config.yaml", "metrics.jsonl", "summary.json", "samples_before.png", "samples_after.png", "credit_weights.png"]:
+        assert (d / f).is_file(), f
+    assert list((d / "tb").iterdir()) and list(d.glob("curve_reward_*.png"))
+    rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    # the ratio check: the first update step re-evaluates the sampled transitions exactly
+    assert rows[0]["train/ratio_first_step_max_dev"] == 0.0
+    for key in ["credit/frac_mixed_sign", "credit/frac_fused_zero", "train/clip_frac"]:
+        assert key in rows[0]
+    names = {"reward/digit-alignment", "reward/stroke-quality", "reward/jpeg-compressibility"}
+    assert names <= set(summary["eval_before"]) and names <= set(summary["eval_after"])
+    assert any(k.startswith("eval/") for k in summary["eval_after"])
+    assert summary["wall_seconds"] > 0
+    # training changed the weights, and the checkpoint holds them
+    final = weights(d)
+    assert final.keys() == initial.keys()
+    assert any(not torch.equal(final[n], initial[n]) for n in final)
+
+
+def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path):
+    full, _ = run(tmp_path, "train.iterations=3", name="full")
+    part, _ = run(tmp_path, "train.iterations=1", name="part")
+    cfg = load_config(part.run_dir / "config.yaml", ["train.iterations=3"])
+    resumed = Trainer(cfg, part.run_dir)
+    resumed.resume()
+    assert resumed.start_iteration == 1
+    resumed.train()
+    wa, wb = weights(full.run_dir), weights(part.run_dir)
+    assert wa.keys() == wb.keys()
+    for n in wa:
+        assert torch.equal(wa[n], wb[n]), n
+    rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda r: {k: v for k, v in r.items() if k != "wall_seconds"}
+    assert [strip(r) for r in rows(full.run_dir)] == [strip(r) for r in rows(part.run_dir)]
+
+
+@register_reward("test-nan")
+class _NaNReward:
+    name = "test-nan"
+
+    def __call__(self, pixels, prompts):
+        s = torch.zeros(pixels.shape[0])
+        s[1] = float("nan")
+        return s
+
+
+@register_reward("test-constant")
+class _ConstantReward:
+    name = "test-constant"
+
+    def __call__(self, pixels, prompts):
+        return torch.ones(pixels.shape[0])
+
+
+def test_nan_reward_fails_the_step_loudly(tmp_path):
+    with pytest.raises(RewardError, match="reward 'test-nan' returned 1 non-finite"):
+        run(tmp_path, "train.iterations=1", "rewards=[{name: test-nan}]", "eval.metrics=null")
+
+
+def test_zero_variance_groups_are_counted_and_get_no_gradient(tmp_path):
+    tr, _ = run(tmp_path, "train.iterations=1", "rewards=[{name: test-constant}]", "eval.metrics=null", "train.scheme=grpo")
+    row = json.loads((tr.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["credit/zero_variance_groups"] == 2
+    assert row["credit/adv_abs_mean"] == 0.0
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from otca.cli import main
+
+    assert main(["train", "train.bogus=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "otca: error: config: unknown config key 'train.bogus'"
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "no-run")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """torchrun with 2 gloo processes == 1 process with the same global batch (advantages and weights)."""
+    common = [*TINY, "train.iterations=1", "save_credit=true", "eval.metrics=null"]
+    one, _ = run(tmp_path, *common[len(TINY):], name="one")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a free port, so concurrent runs on one machine do not clash
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           "-m", "otca", "train", *common, f"out_dir={tmp_path / 'two'}"]
+    subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True)
+    a = load_file(str(one.run_dir / "credit" / "iter-000000.safetensors"))
+    b = load_file(str(tmp_path / "two" / "credit" / "iter-000000.safetensors"))
+    torch.testing.assert_close(a["rewards"], b["rewards"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(a["advantages"], b["advantages"], rtol=0, atol=1e-4)
+    wa, wb = weights(one.run_dir), weights(tmp_path / "two")
+    for n in wa:
+        torch.testing.assert_close(wa[n], wb[n], rtol=1e-4, atol=1e-6)
