@@ -10,8 +10,8 @@ def test_roundtrip_and_latest_pointer(tmp_path):
     opt = torch.optim.AdamW([p], lr=0.1)
     p.grad = torch.ones(2)
     opt.step()
-    save_checkpoint(tmp_path, 1, w, opt, {"x": 1})
-    save_checkpoint(tmp_path, 2, {k: v + 1 for k, v in w.items()}, opt, {"x": 2}, ema=w)
+    save_checkpoint(tmp_path, 1, w, opt.state_dict(), {"x": 1})
+    save_checkpoint(tmp_path, 2, {k: v + 1 for k, v in w.items()}, opt.state_dict(), {"x": 2}, ema=w)
     ck = load_checkpoint(latest_checkpoint(tmp_path))
     assert ck["state"] == {"iteration": 2, "x": 2}
     assert torch.equal(ck["weights"]["a"], w["a"] + 1) and torch.equal(ck["ema"]["b.c"], w["b.c"])

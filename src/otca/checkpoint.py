@@ -35,7 +35,7 @@ def save_checkpoint(
     run_dir: Path,
     iteration: int,
     weights: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     state: dict[str, Any],
     ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
@@ -49,7 +49,7 @@ def save_checkpoint(
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
     if ema is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, str(tmp / EMA))
-    torch.save(optimizer.state_dict(), tmp / OPTIM)
+    torch.save(optimizer_state, tmp / OPTIM)
     (tmp / STATE).write_text(json.dumps({"iteration": iteration, **state}, indent=1))
     if final.exists():
         shutil.rmtree(final)

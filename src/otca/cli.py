@@ -1,10 +1,12 @@
-"""The ``otca`` command line: train, eval, sample, pretrain.
+"""The ``otca`` command line: train, eval, sample, pretrain, compare, analyze-credit.
 
     otca train                                   # the embedded default with OTCA
     otca train --config FILE key=value ...       # a config file plus overrides
     otca train --resume RUN_DIR [key=value ...]  # continue a run from its latest checkpoint
     otca eval RUN_DIR                            # evaluate a run's latest weights
     otca sample RUN_DIR --prompt "a handwritten seven"
+    otca compare [--schemes grpo,otca] [--seeds 0,1,2] [--quick] [key=value ...]   # schemes x seeds, one table
+    otca analyze-credit [--run RUN_DIR | --config FILE] [key=value ...]            # is dS a proxy? (paper 6.1)
     torchrun --nproc_per_node 2 -m otca train    # the same on several processes
 """
 
@@ -35,6 +37,27 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=8, help="samples per prompt")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="PNG path (default: RUN_DIR/sample.png)")
+
+    c = sub.add_parser("compare", help="train several credit schemes over several seeds with identical compute; one table")
+    c.add_argument("--config", help="YAML config file shared by every run (default: the embedded default)")
+    c.add_argument("--schemes", default=None, help="comma-separated schemes (default: grpo,flow-grpo,tcd,moca,otca,pcpo)")
+    c.add_argument("--seeds", default=None, help="comma-separated run seeds (default: 0,1,2; with --quick 0,1)")
+    c.add_argument("--quick", action="store_true", help="CI-sized runs (a few iterations, small batch, few steps)")
+    c.add_argument("--out", default="runs/compare", help="comparison directory (runs go to OUT/<scheme>/seed-<s>)")
+    c.add_argument("--jobs", type=int, default=1, help="runs trained side by side in separate processes")
+    c.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
+    c.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the reward curves (iterations)")
+    c.add_argument("overrides", nargs="*", help="key=value overrides applied to every run, e.g. train.iterations=20")
+
+    a = sub.add_parser("analyze-credit", help="correlate TCD's similarity gains with per-step reward gains (paper 6.1)")
+    src = a.add_mutually_exclusive_group()
+    src.add_argument("--run", metavar="RUN_DIR", help="a run: its config.yaml and latest checkpoint")
+    src.add_argument("--config", help="a config whose policy (base weights) is analysed (default: the embedded default)")
+    a.add_argument("--trajectories", type=int, default=512, help="sampled trajectories to analyse")
+    a.add_argument("--view", default="x0", help="what is decoded at each state: x0 (clean prediction) or state")
+    a.add_argument("--examples", type=int, default=6, help="example trajectories in the Fig. 6-style plot")
+    a.add_argument("--out", help="output folder (default: RUN_DIR/credit_analysis or runs/credit-analysis)")
+    a.add_argument("overrides", nargs="*", help="key=value overrides of the config (e.g. seed=1 sampler.eta=0.3)")
 
     pt = sub.add_parser("pretrain", help="retrain the embedded default's base model, text encoder and judges from scratch")
     pt.add_argument("--out", default="pretrained", help="output folder for the weights")
@@ -101,6 +124,30 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _csv(text: str | None, cast=str) -> list | None:
+    return None if text is None else [cast(x) for x in text.split(",") if x.strip()]
+
+
+def cmd_compare(args) -> int:
+    from otca.compare import DEFAULT_SCHEMES, compare
+
+    compare(args.config, args.overrides, schemes=_csv(args.schemes) or DEFAULT_SCHEMES, seeds=_csv(args.seeds, int),
+            out_dir=args.out, quick=args.quick, jobs=args.jobs, threads=args.threads, smooth=args.smooth)
+    print((Path(args.out) / "table.md").read_text())
+    print(f"comparison directory: {args.out}")
+    return 0
+
+
+def cmd_analyze_credit(args) -> int:
+    from otca.analysis import analyze_credit, format_table
+
+    out = analyze_credit(args.config, args.overrides, run_dir=args.run, trajectories=args.trajectories,
+                         view=args.view, out_dir=args.out, examples=args.examples)
+    print(format_table(out.results, out.trace.steps))
+    print(f"report: {out.out_dir}")
+    return 0
+
+
 def cmd_pretrain(args) -> int:
     from otca.worlds.digits.judges import train_judges
     from otca.worlds.digits.pretrain import pretrain_generator
@@ -126,17 +173,22 @@ def _print_table(before: dict, after: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     from otca.checkpoint import CheckpointError
     from otca.config import ConfigError
+    from otca.registry import UnknownNameError
     from otca.rewards.base import RewardError
 
     args = _parser().parse_args(argv)
-    handler = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "pretrain": cmd_pretrain}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "pretrain": cmd_pretrain,
+               "compare": cmd_compare, "analyze-credit": cmd_analyze_credit}[args.command]
     try:
         return handler(args)
-    except (ConfigError, CheckpointError, RewardError, FileNotFoundError, KeyError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"otca: error: {msg}", file=sys.stderr)
+    except (ConfigError, CheckpointError, RewardError, FileNotFoundError, UnknownNameError, ValueError) as e:
+        if os.environ.get("OTCA_DEBUG"):  # the full traceback, for bug reports
+            raise
+        print(f"otca: error: {e}", file=sys.stderr)
         return 2
 
 

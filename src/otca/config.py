@@ -45,7 +45,10 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Model weights/compute dtype; the credit and SDE math always run in fp32."""
+    """Dtype of the model weights; the credit and SDE math always run in fp32. Full fine-tuning wants fp32
+    weights (a bf16 weight does not move under lr 1e-5 updates): use ``autocast`` for bf16 compute."""
+    autocast: Literal["none", "bfloat16", "float16"] = "none"
+    """Run the network under torch.autocast in this dtype (bf16 compute over fp32 weights, on GPU)."""
 
 
 class RewardSpec(_Section):
@@ -82,7 +85,7 @@ class SamplerConfig(_Section):
 
 
 class TrainConfig(_Section):
-    iterations: int = Field(40, ge=0)
+    iterations: int = Field(120, ge=0)
     """Number of GRPO iterations (rollout + update)."""
     prompts_per_iter: int = Field(6, ge=1)
     """Prompt groups per iteration, summed over all processes."""
@@ -92,7 +95,7 @@ class TrainConfig(_Section):
     """Credit scheme by name (``otca.credit.scheme_names()``)."""
     credit: CreditConfig = CreditConfig()
     """Options of the credit math (advantage clip, TCD floor, MOCA epsilons, std convention, ...)."""
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(5e-5, gt=0)
     """AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
@@ -112,7 +115,7 @@ class TrainConfig(_Section):
     """PPO ratio clip epsilon: clip(rho, 1-eps, 1+eps)."""
     objective: Literal["clip", "log-hinge"] = "clip"
     """Policy objective: the clipped surrogate, or PCPO's log-hinge."""
-    kl_coef: float = Field(0.0, ge=0)
+    kl_coef: float = Field(0.1, ge=0)
     """Weight of the KL to the initial policy (Flow-GRPO's mean-difference form); 0 = off."""
     timestep_fraction: float = Field(1.0, gt=0, le=1)
     """Fraction of the (non-dropped) transitions trained each iteration."""

@@ -79,11 +79,14 @@ def sample_sde(
     indices: Sequence[int],
     final_latent: str = "x0",
     micro_batch: int = 16,
+    velocity: Callable | None = None,
 ) -> Trajectory:
     """Roll out ``x [b, *latent]`` through ``T = len(sigmas) - 1`` stochastic transitions.
 
     ``indices`` are the samples' global indices: the SDE noise of sample i comes from its own generator.
+    ``velocity`` defaults to ``policy.velocity`` (the trainer passes its DDP/FSDP-wrapped module).
     """
+    velocity = velocity or policy.velocity
     step = get_transition(sde)
     gens = [seeded_generator(seed, iteration, STREAM_SDE_NOISE, int(i)) for i in indices]
     b, T = x.shape[0], len(sigmas) - 1
@@ -91,7 +94,7 @@ def sample_sde(
     x0_hat = x
     for k in range(T):
         sig = sigmas[k].expand(b)  # [b]
-        v = velocity_in_chunks(policy.velocity, x, sig.to(x.device), cond, micro_batch)
+        v = velocity_in_chunks(velocity, x, sig.to(x.device), cond, micro_batch)
         noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, torch.float32)
         x0_hat = predict_x0(x, v, float(sigmas[k]))
         x, logp, _, _ = step(x, v, float(sigmas[k]), float(sigmas[k + 1]), eta=eta, noise=noise)
@@ -102,11 +105,14 @@ def sample_sde(
 
 
 @torch.no_grad()
-def sample_ode(policy: FlowPolicy, cond: Any, x: torch.Tensor, sigmas: torch.Tensor, micro_batch: int = 16) -> torch.Tensor:
+def sample_ode(
+    policy: FlowPolicy, cond: Any, x: torch.Tensor, sigmas: torch.Tensor, micro_batch: int = 16, velocity: Callable | None = None
+) -> torch.Tensor:
     """Deterministic Euler sampling (evaluation): returns the final latent ``[b, *latent]``."""
+    velocity = velocity or policy.velocity
     b = x.shape[0]
     for k in range(len(sigmas) - 1):
-        v = velocity_in_chunks(policy.velocity, x, sigmas[k].expand(b).to(x.device), cond, micro_batch)
+        v = velocity_in_chunks(velocity, x, sigmas[k].expand(b).to(x.device), cond, micro_batch)
         x = ode_step(x, v, float(sigmas[k]), float(sigmas[k + 1]))
     return x
 

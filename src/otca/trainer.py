@@ -44,14 +44,22 @@ from otca.rollout import (
 
 
 class _Velocity(torch.nn.Module):
-    """``forward = policy.velocity``, so DDP / FSDP2 can wrap any FlowPolicy without reaching inside it."""
+    """``forward = policy.velocity``, so DDP / FSDP2 can wrap any FlowPolicy without reaching inside it.
 
-    def __init__(self, policy: torch.nn.Module):
+    With ``autocast`` the network runs under torch.autocast (weights stay in their own dtype, e.g. fp32);
+    the velocity comes back in the latents' dtype and the SDE and credit math stay in fp32.
+    """
+
+    def __init__(self, policy: torch.nn.Module, autocast: torch.dtype | None = None):
         super().__init__()
         self.policy = policy
+        self.autocast = autocast
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
-        return self.policy.velocity(x, sigma, cond)
+        if self.autocast is None:
+            return self.policy.velocity(x, sigma, cond)
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast):
+            return self.policy.velocity(x, sigma, cond).to(x.dtype)
 
 
 @dataclass
@@ -77,11 +85,16 @@ class Trainer:
         self.scheme = get_scheme(cfg.train.scheme)
         self.transition = get_transition(cfg.sampler.sde)
         self.sigmas = make_sigmas(cfg.sampler.num_steps, cfg.sampler.shift)
-        self.params = {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
-        if not self.params:
+        if not any(p.requires_grad for p in self.policy.parameters()):
             raise ValueError("model: no trainable parameters")
-        self.velocity_module = _Velocity(self.policy)
+        if cfg.fsdp and cfg.train.kl_coef > 0:
+            raise ValueError("train.kl_coef > 0 is not supported with fsdp=true yet (the reference call needs whole weights)")
+        autocast = None if cfg.model.autocast == "none" else getattr(torch, cfg.model.autocast)
+        self.velocity_module = _Velocity(self.policy, autocast)
+        self.fsdp = cfg.fsdp and self.info.distributed
         self.model = self._wrap(self.velocity_module)
+        # collected after wrapping: FSDP2 replaces the parameters by sharded ones
+        self.params = {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
             self.params.values(), lr=t.lr, betas=t.betas, eps=t.adam_eps, weight_decay=t.weight_decay
@@ -97,10 +110,12 @@ class Trainer:
     def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         if not self.info.distributed:
             return module
-        if self.cfg.fsdp:
+        if self.fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            return fully_shard(module)
+            # frozen parts (text encoders, VAE) stay whole: they are used outside the wrapped forward
+            frozen = {p for p in module.parameters() if not p.requires_grad}
+            return fully_shard(module, ignored_params=frozen)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(module, device_ids=[self.info.device.index] if self.info.device.type == "cuda" else None)
@@ -113,19 +128,21 @@ class Trainer:
             raise ValueError(f"checkpoint does not match the model: {len(missing)} mismatched tensors, e.g. {sorted(missing)[0]}")
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(ck["weights"][n])
+                p.copy_(_like(ck["weights"][n], p))
         if self.ema is not None and ck["ema"] is not None:
-            self.ema = {n: t.to(self.info.device) for n, t in ck["ema"].items()}
-        self.optimizer.load_state_dict(ck["optimizer"])
+            self.ema = {n: _like(t, self.params[n]) for n, t in ck["ema"].items()}
+        self._load_optimizer_state(ck["optimizer"])
         self.start_iteration = ck["state"]["iteration"]
         self.weight_profiles = ck["state"].get("weight_profiles", [])
         self._truncate_metrics(self.start_iteration)
 
     def _truncate_metrics(self, iteration: int) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        if self.info.is_main and path.is_file():
-            rows = [l for l in path.read_text().splitlines() if l and json.loads(l)["iteration"] < iteration]
-            path.write_text("".join(r + "\n" for r in rows))
+        """Drop log rows written after the checkpoint, so a resumed run's logs equal an uninterrupted run's."""
+        for name, keep in (("metrics.jsonl", lambda i: i < iteration), ("eval.jsonl", lambda i: i <= iteration)):
+            path = self.run_dir / name
+            if self.info.is_main and path.is_file():
+                rows = [l for l in path.read_text().splitlines() if l and keep(json.loads(l)["iteration"])]
+                path.write_text("".join(r + "\n" for r in rows))
 
     # ------------------------------------------------------------------ the loop
 
@@ -197,6 +214,7 @@ class Trainer:
             traj = sample_sde(
                 self.policy, cond, x, self.sigmas, sde=s.sde, eta=s.eta, seed=self.cfg.seed, iteration=it,
                 indices=batch.indices, final_latent=s.final_latent, micro_batch=self.cfg.train.micro_batch,
+                velocity=self.model,
             )
         return traj, cond
 
@@ -227,6 +245,7 @@ class Trainer:
             sigmas=self.sigmas,
             gains=odist.all_gather_rows(gains.to(dev), info).cpu(),
             reward_weights=self.reward_weights,
+            reward_names=tuple(self.rewards.names),
         )
         out = self.scheme(inputs, t.credit)
         self._global_credit = (inputs, out)
@@ -318,6 +337,7 @@ class Trainer:
             res = evaluate_policy(
                 self.policy, self.rewards, self.eval_prompts, samples_per_prompt=e.samples_per_prompt,
                 num_steps=s.eval_steps, shift=s.shift, seed=e.seed, suite=e.metrics, micro_batch=self.cfg.train.micro_batch * 2,
+                velocity=self.model,
             )
         if tag is not None and self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -355,12 +375,32 @@ class Trainer:
             w.add_scalar(f"eval/{k}" if not k.startswith("eval/") else k, v, it)
 
     def save(self, iteration: int) -> None:
+        """Every rank takes part (FSDP2 gathers whole tensors); the main process writes."""
+        weights = {n: _whole(p) for n, p in self.params.items()}
+        ema = {n: _whole(t) for n, t in self.ema.items()} if self.ema is not None else None
+        optim = self._optimizer_state()
         if self.info.is_main:
             save_checkpoint(
-                self.run_dir, iteration, {n: p for n, p in self.params.items()}, self.optimizer,
-                {"weight_profiles": self.weight_profiles, "seed": self.cfg.seed}, ema=self.ema,
+                self.run_dir, iteration, weights, optim,
+                {"weight_profiles": self.weight_profiles, "seed": self.cfg.seed}, ema=ema,
             )
         odist.barrier(self.info)
+
+    def _optimizer_state(self) -> dict:
+        """The optimizer state with whole tensors (FSDP2 shards are gathered: a collective on every rank)."""
+        state = self.optimizer.state_dict()
+        if self.fsdp:
+            state["state"] = {i: {k: _whole(v) for k, v in st.items()} for i, st in state["state"].items()}
+        return state
+
+    def _load_optimizer_state(self, state: dict) -> None:
+        if self.fsdp:  # re-shard each moment like its parameter
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            state["state"] = {
+                i: {k: v if v.dim() == 0 else _like(v, params[int(i)]) for k, v in st.items()}
+                for i, st in state["state"].items()
+            }
+        self.optimizer.load_state_dict(state)
 
     def write_plots(self) -> None:
         rows = [json.loads(l) for l in (self.run_dir / "metrics.jsonl").read_text().splitlines() if l]
@@ -434,6 +474,21 @@ class _Swapped:
                 p.copy_(self.saved[n])
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly FSDP2-sharded DTensor) parameter, detached."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(whole: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``whole`` laid out like parameter ``p``: sharded the same way when ``p`` is an FSDP2 DTensor."""
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(whole.to(p.device, p.dtype), p.device_mesh, p.placements)
+    return whole.to(p.device, p.dtype)
+
+
 def _chunks(part: slice, size: int) -> list[slice]:
     return [slice(i, min(i + size, part.stop)) for i in range(part.start, part.stop, size)]
 
@@ -451,7 +506,7 @@ class _MetricAccumulator:
             return
         self.n += n
         for k, v in m.items():
-            if k in ("ratio_min", "ratio_max"):
+            if k in ("ratio_min", "ratio_max", "num_trained"):
                 continue
             self.sums[k] = self.sums.get(k, 0.0) + v * n
         self.rmin = min(self.rmin, m["ratio_min"])

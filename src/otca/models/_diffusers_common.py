@@ -1,5 +1,6 @@
-"""What the diffusers-backed adapters (SD3, Wan) share: local-directory checks, typed options, the sliceable
-conditioning, the precomputed prompt-embedding cache, classifier-free guidance, and tiny offline tokenizers.
+"""What the diffusers-backed adapters (FLUX.1, SD3, Wan) share: local-directory checks, typed options, the
+sliceable conditioning, the precomputed prompt-embedding cache, classifier-free guidance, the scaled-latent VAE
+conventions, and tiny offline tokenizers.
 
 Heavy libraries (diffusers, transformers, safetensors) are imported inside the functions that need them.
 """
@@ -90,7 +91,13 @@ def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def prepare_denoisers(denoisers: Iterable[torch.nn.Module], cfg: "ModelConfig") -> None:
-    """Apply ``cfg.gradient_checkpointing`` and ``cfg.lora`` to the trained networks (in place)."""
+    """Apply ``cfg.gradient_checkpointing`` and ``cfg.lora`` to the trained networks (in place).
+
+    LoRA weights are kept in fp32 whatever the base dtype (peft's ``autocast_adapter_dtype``, which
+    ``inject_adapter_in_model`` does not apply): an AdamW step of lr 1e-5 is below bf16's resolution for weights
+    of size ~1e-2 and would round to no change. peft's LoRA forward casts its input to the adapter dtype and the
+    sum back to the base output's dtype, so the network still computes in ``cfg.dtype``.
+    """
     from otca.models.lora import add_lora
 
     for net in denoisers:
@@ -98,6 +105,9 @@ def prepare_denoisers(denoisers: Iterable[torch.nn.Module], cfg: "ModelConfig") 
             net.enable_gradient_checkpointing()
         if cfg.lora is not None:
             add_lora(net, cfg.lora)
+            for p in net.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
 
 
 def tiny_and_path_exclusive(cfg: "ModelConfig", tiny: bool) -> None:
@@ -294,6 +304,30 @@ def vae_to_unit(decoded: torch.Tensor) -> torch.Tensor:
     return (decoded.float() / 2 + 0.5).clamp(0, 1)
 
 
+def vae_scale_factor(vae: torch.nn.Module) -> int:
+    """Spatial downsampling of an ``AutoencoderKL``: 2 per down block after the first (the pipelines'
+    ``vae_scale_factor``, 8 for the SD3 and FLUX.1 VAEs)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def decode_scaled_latents(vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] ``[B, 3, H, W]`` (fp32) from scaled latents ``x [B, C, h, w]`` of an ``AutoencoderKL``:
+    ``z = x / scaling_factor + shift_factor`` then the decoder (pipeline_stable_diffusion_3.py and
+    pipeline_flux.py, end of ``__call__``). A VAE without a shift_factor (None) has none to undo."""
+    cfg = vae.config
+    z = (x.float() / cfg.scaling_factor + (cfg.shift_factor or 0.0)).to(vae.dtype)  # [B, C, h, w]
+    return vae_to_unit(vae.decode(z, return_dict=False)[0])  # [B, 3, H, W]
+
+
+def encode_scaled_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Scaled latents ``[B, C, h, w]`` (fp32) of pixels in [0, 1] ``[B, 3, H, W]``: the posterior mean, then
+    ``(z - shift_factor) * scaling_factor`` (the img2img pipelines' ``_encode_vae_image`` with the mode of the
+    latent distribution: deterministic, the inverse convention of :func:`decode_scaled_latents`)."""
+    cfg = vae.config
+    z = vae.encode((2 * pixels.float() - 1).to(vae.dtype)).latent_dist.mode()  # [B, C, h, w]
+    return (z.float() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+
 def draw_latents(
     n: int, shape: Sequence[int], generator: torch.Generator | list[torch.Generator], device: torch.device
 ) -> torch.Tensor:
@@ -316,11 +350,12 @@ TextFn = Callable[[list[str]], dict[str, torch.Tensor]]
 
 
 class DiffusersPolicy(torch.nn.Module):
-    """The shared half of the SD3 and Wan adapters (a FlowPolicy once a subclass adds ``velocity``/``decode``).
+    """The shared half of the FLUX, SD3 and Wan adapters (a FlowPolicy once a subclass adds ``velocity``/``decode``).
 
     ``text`` maps prompts to embeddings ``{field: [B, ...]}``: the frozen text encoders (an ``nn.Module``) or a
-    :class:`PromptEmbeddingCache`. The text encoders and the VAE (``self.vae``, set by the subclass) never train:
-    they stay in eval mode whatever ``train()`` is called with. Only the denoiser's parameters may require grad.
+    :class:`PromptEmbeddingCache`. The text encoders and the VAE (``self.vae``, or FLUX's latent codec
+    ``self.codec``, set by the subclass) never train: they stay in eval mode whatever ``train()`` is called with.
+    Only the denoiser's parameters may require grad.
     """
 
     kind: str  # the registered model kind, recorded in embedding caches
@@ -334,7 +369,8 @@ class DiffusersPolicy(torch.nn.Module):
         self.negative_prompt = negative_prompt
 
     def _frozen(self) -> list[torch.nn.Module]:
-        return [m for m in (self.text, getattr(self, "vae", None)) if isinstance(m, torch.nn.Module)]
+        parts = (self.text, getattr(self, "vae", None), getattr(self, "codec", None))
+        return [m for m in parts if isinstance(m, torch.nn.Module)]
 
     def train(self, mode: bool = True) -> "DiffusersPolicy":
         super().train(mode)
@@ -380,7 +416,7 @@ class DiffusersPolicy(torch.nn.Module):
 # ------------------------------------------------------------------------------------- tiny offline tokenizers
 
 
-def _byte_alphabet() -> list[str]:
+def byte_alphabet() -> list[str]:
     """The 256 printable stand-ins of byte-level BPE in byte order (GPT-2's ``bytes_to_unicode`` mapping):
     printable bytes map to themselves, the others to code points from 256 on."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -398,7 +434,7 @@ def tiny_clip_tokenizer(max_length: int = 77):
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for s in _byte_alphabet():
+    for s in byte_alphabet():
         vocab[s] = len(vocab)
         vocab[s + "</w>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)

@@ -1,24 +1,65 @@
 """The FLUX adapter: any diffusers ``FluxTransformer2DModel`` as a :class:`~otca.models.base.FlowPolicy`.
 
-The same class drives FLUX.1-dev and the embedded tiny FLUX of the digits world. Latents stay unpacked
+The same class drives FLUX.1-dev / schnell and the embedded tiny FLUX of the digits world. Latents stay unpacked
 ``[B, C, h, w]`` outside the adapter; inside it they become FLUX's sequence of 2x2-patch tokens
 ``[B, (h/2)(w/2), 4C]`` in the layout of diffusers' ``FluxPipeline`` (so real FLUX weights see what they were
 trained on). Guidance lives here: FLUX.1-dev's distilled guidance (a number fed to the transformer) and true
 classifier-free guidance (an unconditional pass, batched with the conditional one).
+
+Registered as model kind ``"flux"``: ``model.path`` is a local ``FluxPipeline`` directory (FLUX.1-dev or
+schnell). Conventions follow diffusers' ``pipelines/flux/pipeline_flux.py`` (read, not copied): the pooled
+vector is CLIP-L's ``pooler_output`` over 77 tokens, the sequence is T5's last hidden states over
+``max_sequence_length`` tokens (512 for dev), latents ``[B, 16, H/8, W/8]`` are the VAE's
+``(z - shift_factor) * scaling_factor``, and H, W must be multiples of 16 (8x VAE, then 2x2 packing).
+``model.options.tiny: true`` builds a random twin of the same structure in-process (tests and demos).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
+from pydantic import Field
 
-from otca.models._diffusers_common import BatchedCond, DiffusersPolicy, TextFn, freeze, guided_forward
+from otca.models._diffusers_common import (
+    AdapterOptions,
+    BatchedCond,
+    DiffusersPolicy,
+    PromptEmbeddingCache,
+    TextFn,
+    cast_module,
+    decode_scaled_latents,
+    encode_scaled_latents,
+    freeze,
+    frozen_vae,
+    guided_forward,
+    model_dir,
+    parse_options,
+    prepare_denoisers,
+    subfolder,
+    tiny_and_path_exclusive,
+    tiny_clip_tokenizer,
+    tiny_t5_tokenizer,
+    vae_scale_factor,
+)
+from otca.models.registry import register_policy
+
+if TYPE_CHECKING:
+    from otca.config import ModelConfig
 
 # FLUX.1-dev's default distilled guidance (diffusers FluxPipeline's guidance_scale default).
 FLUX_DEV_GUIDANCE = 3.5
+# FluxPipeline defaults: T5 tokens per prompt (dev; schnell was distilled with 256) and image side
+# (default_sample_size 128 x vae_scale_factor 8).
+FLUX_T5_TOKENS = 512
+FLUX_SIDE = 1024
+TINY_FLUX_SIDE = 64
+# The sub-folders of a FluxPipeline directory that the adapter reads, text encoders last.
+FLUX_TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+FLUX_EMBEDDING_FIELDS = ("prompt_embeds", "pooled")
 
 
 class LatentCodec(Protocol):
@@ -160,3 +201,208 @@ class FluxPolicy(DiffusersPolicy):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels in [0, 1] ``[B, ch, H, W]`` from latents ``[B, C, h, w]``."""
         return self.codec.decode(x)
+
+
+# ------------------------------------------------------------------------------------ FLUX.1 text and VAE
+
+
+class FluxTextEncoder(torch.nn.Module):
+    """The two frozen FLUX.1 text encoders: ``prompts -> {"prompt_embeds": [B, L, D], "pooled": [B, P]}``.
+
+    ``pooled``: CLIP-L's ``pooler_output`` (the final-norm state at the end-of-text token) of the prompt padded
+    to the tokenizer's 77 tokens; ``prompt_embeds``: T5's last hidden states over ``max_sequence_length`` tokens,
+    padding included and no attention mask (FluxPipeline ``_get_clip_prompt_embeds`` / ``_get_t5_prompt_embeds``).
+    """
+
+    def __init__(
+        self,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        text_encoder_2: torch.nn.Module,
+        tokenizer_2: Any,
+        max_sequence_length: int = FLUX_T5_TOKENS,
+    ):
+        super().__init__()
+        self.text_encoder = freeze(text_encoder)
+        self.text_encoder_2 = freeze(text_encoder_2)
+        self.tokenizers = (tokenizer, tokenizer_2)
+        self.max_sequence_length = max_sequence_length
+
+    @staticmethod
+    def _ids(tokenizer: Any, prompts: list[str], length: int, encoder: torch.nn.Module) -> torch.Tensor:
+        """Token ids ``[B, length]``, padded and truncated to ``length``, on the encoder's device."""
+        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        return ids.input_ids.to(next(encoder.parameters()).device)
+
+    def forward(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        clip_tok, t5_tok = self.tokenizers
+        clip_ids = self._ids(clip_tok, prompts, clip_tok.model_max_length, self.text_encoder)  # [B, 77]
+        t5_ids = self._ids(t5_tok, prompts, self.max_sequence_length, self.text_encoder_2)  # [B, L]
+        return {
+            "prompt_embeds": self.text_encoder_2(t5_ids)[0],  # [B, L, D]
+            "pooled": self.text_encoder(clip_ids).pooler_output,  # [B, P]
+        }
+
+
+class VaeCodec(torch.nn.Module):
+    """A frozen FLUX.1 ``AutoencoderKL`` as the :class:`LatentCodec` of ``height x width`` images.
+
+    ``latent_shape = (latent_channels, H/8, W/8)`` (16 channels for FLUX.1); latents are the VAE's
+    ``(z - shift_factor) * scaling_factor`` (FLUX.1: 0.1159 and 0.3611); pixels are ``[B, 3, H, W]`` in [0, 1].
+    """
+
+    def __init__(self, vae: torch.nn.Module, height: int, width: int):
+        super().__init__()
+        factor = vae_scale_factor(vae)
+        multiple = 2 * factor  # FluxPipeline: 8x VAE, then 2x2 packing
+        if height <= 0 or width <= 0 or height % multiple or width % multiple:
+            raise ValueError(f"model.options height/width: expected positive multiples of {multiple}, got {height}x{width}")
+        self.vae = frozen_vae(vae)
+        self.latent_shape = (vae.config.latent_channels, height // factor, width // factor)  # (C, h, w)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, C, h, w]`` (fp32, posterior mean) of pixels ``[B, 3, H, W]`` in [0, 1]."""
+        return encode_scaled_latents(self.vae, pixels)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, H, W]`` in [0, 1] (fp32) of latents ``[B, C, h, w]``."""
+        return decode_scaled_latents(self.vae, latents)
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+class FluxOptions(AdapterOptions):
+    """``model.options`` of model kind ``flux``."""
+
+    tiny: bool = False
+    """Build random tiny weights in-process (no files); model.path must then be unset."""
+    seed: int = 0
+    """Seed of the tiny random weights (the global RNG is left untouched)."""
+    guidance_scale: float | None = Field(None, ge=0)
+    """Distilled guidance fed to the transformer, rollout and training alike; None: 3.5 for a guidance-distilled
+    transformer (FLUX.1-dev), none for one without guidance embeddings (FLUX.1-schnell)."""
+    true_cfg_scale: float = Field(1.0, ge=1)
+    """Real classifier-free guidance against negative_prompt (a second pass), on when > 1; FLUX.1 runs without."""
+    negative_prompt: str = ""
+    """The unconditional prompt of true CFG."""
+    resolution: int | None = Field(None, gt=0)
+    """Square image side in pixels, a multiple of 16; default 1024 (64 for tiny). The OTCA paper trains at 512."""
+    height: int | None = Field(None, gt=0)
+    """Image height in pixels (overrides resolution)."""
+    width: int | None = Field(None, gt=0)
+    """Image width in pixels (overrides resolution)."""
+    max_sequence_length: int = Field(FLUX_T5_TOKENS, ge=1, le=512)
+    """T5 tokens per prompt (FluxPipeline: 512 for dev, 256 for schnell)."""
+    embeddings: str | None = None
+    """Precomputed prompt embeddings (a file of FluxPolicy.save_prompt_embeddings); the text encoders are not loaded."""
+    vae_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the VAE (decoding only)."""
+
+
+def tiny_flux_components(seed: int = 0, text: bool = True) -> dict[str, Any]:
+    """Random tiny FLUX.1 parts keyed by their diffusers sub-folder names (fp32).
+
+    The structure is FLUX.1-dev's at a small width: a guidance-distilled transformer over 2x2-packed 16-channel
+    latents (in_channels 64) with double and single blocks, a VAE with four blocks (8x downsampling), 16 latent
+    channels, FLUX.1's scaling/shift factors and no quant convs, a CLIP text model whose width is the pooled
+    width, and a gated-GELU T5 encoder whose width is the joint attention width.
+    """
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        parts: dict[str, Any] = {
+            # rope axes (4 + 6 + 6) add up to the head dim, as FLUX.1's (16 + 56 + 56) = 128
+            "transformer": FluxTransformer2DModel(
+                patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True,
+                axes_dims_rope=(4, 6, 6),
+            ),
+            "vae": AutoencoderKL(
+                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4, 8, 8, 8), layers_per_block=1,
+                latent_channels=16, norm_num_groups=4, sample_size=TINY_FLUX_SIDE, scaling_factor=0.3611,
+                shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+            ),
+        }
+        if text:
+            parts["text_encoder"] = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=len(clip_tok), hidden_size=24, intermediate_size=48, projection_dim=24,
+                    num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=clip_tok.model_max_length,
+                    bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                )
+            )
+            parts["tokenizer"] = clip_tok
+            parts["text_encoder_2"] = T5EncoderModel(
+                T5Config(
+                    vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                    relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                )
+            )
+            parts["tokenizer_2"] = t5_tok
+    return parts
+
+
+def load_flux_components(root: Path, *, text: bool, dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
+    """The parts of a local FluxPipeline directory (no network), text encoders and tokenizers only if ``text``."""
+    names = ("transformer", "vae", *(FLUX_TEXT_PARTS if text else ()))
+    folders = {n: subfolder(root, n, "flux") for n in names}  # every folder checked before anything loads
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    parts: dict[str, Any] = {
+        "transformer": FluxTransformer2DModel.from_pretrained(folders["transformer"], torch_dtype=dtype),
+        "vae": AutoencoderKL.from_pretrained(folders["vae"], torch_dtype=vae_dtype),
+    }
+    if text:
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        for cls, enc, tok in ((CLIPTextModel, *FLUX_TEXT_PARTS[:2]), (T5EncoderModel, *FLUX_TEXT_PARTS[2:])):
+            parts[enc] = cls.from_pretrained(folders[enc], dtype=dtype, local_files_only=True)
+            parts[tok] = AutoTokenizer.from_pretrained(folders[tok], local_files_only=True)
+    return parts
+
+
+def flux_policy_from_components(
+    parts: dict[str, Any],
+    opts: FluxOptions,
+    dtype: torch.dtype,
+    vae_dtype: torch.dtype,
+    cache: PromptEmbeddingCache | None = None,
+) -> FluxPolicy:
+    """Assemble the policy from :func:`tiny_flux_components` / :func:`load_flux_components` parts and the
+    options; with a ``cache`` the text-encoder parts are not needed."""
+    text = cache
+    if text is None:
+        encoders = {k: cast_module(parts[k], dtype) if k.startswith("text_encoder") else parts[k] for k in FLUX_TEXT_PARTS}
+        text = FluxTextEncoder(**encoders, max_sequence_length=opts.max_sequence_length)
+    side = opts.resolution or (TINY_FLUX_SIDE if opts.tiny else FLUX_SIDE)
+    codec = VaeCodec(cast_module(parts["vae"], vae_dtype), opts.height or side, opts.width or side)
+    policy = FluxPolicy(
+        cast_module(parts["transformer"], dtype), text, codec,
+        guidance_scale=opts.guidance_scale, true_cfg_scale=opts.true_cfg_scale, negative_prompt=opts.negative_prompt,
+    )
+    # Rollout and re-evaluation must see one deterministic network (ratio 1): no dropout, as after from_pretrained.
+    return policy.eval()
+
+
+@register_policy("flux")
+def build_flux(cfg: "ModelConfig", device: torch.device) -> FluxPolicy:
+    """Model kind ``flux``: a local FLUX.1 diffusers directory at ``cfg.path`` (or ``options.tiny``), with
+    ``cfg.lora`` and gradient checkpointing on the transformer only, weights and text encoders in ``cfg.dtype``."""
+    opts = parse_options(FluxOptions, cfg.options)
+    tiny_and_path_exclusive(cfg, opts.tiny)
+    dtype, vae_dtype = getattr(torch, cfg.dtype), getattr(torch, opts.vae_dtype)
+    root = None if opts.tiny else model_dir(cfg)
+    # The cache is read before the weights: a bad file fails before gigabytes load.
+    cache = None if opts.embeddings is None else PromptEmbeddingCache(opts.embeddings, "flux", FLUX_EMBEDDING_FIELDS)
+    if root is None:
+        parts = tiny_flux_components(opts.seed, text=cache is None)
+    else:
+        parts = load_flux_components(root, text=cache is None, dtype=dtype, vae_dtype=vae_dtype)
+    policy = flux_policy_from_components(parts, opts, dtype, vae_dtype, cache)
+    prepare_denoisers([policy.transformer], cfg)
+    return policy.to(device)

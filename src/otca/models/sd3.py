@@ -26,6 +26,7 @@ from otca.models._diffusers_common import (
     DiffusersPolicy,
     PromptEmbeddingCache,
     cast_module,
+    decode_scaled_latents,
     freeze,
     frozen_vae,
     guided_forward,
@@ -37,7 +38,7 @@ from otca.models._diffusers_common import (
     tiny_and_path_exclusive,
     tiny_clip_tokenizer,
     tiny_t5_tokenizer,
-    vae_to_unit,
+    vae_scale_factor,
 )
 from otca.models.registry import register_policy
 
@@ -142,7 +143,7 @@ class SD3Policy(DiffusersPolicy):
         negative_prompt: str = "",
     ):
         tcfg, vcfg = transformer.config, vae.config
-        factor = 2 ** (len(vcfg.block_out_channels) - 1)  # the pipeline's vae_scale_factor
+        factor = vae_scale_factor(vae)
         multiple = factor * tcfg.patch_size
         if height % multiple or width % multiple or height <= 0 or width <= 0:
             raise ValueError(f"model.options height/width: expected positive multiples of {multiple}, got {height}x{width}")
@@ -185,10 +186,7 @@ class SD3Policy(DiffusersPolicy):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels in [0, 1] ``[B, 3, H, W]`` (fp32) from latents ``[B, C, h, w]``: ``z = x / scaling + shift``."""
-        cfg = self.vae.config
-        # SD3.0/3.5 VAEs carry a shift_factor; a VAE without one (None) has none to undo.
-        z = (x.float() / cfg.scaling_factor + (cfg.shift_factor or 0.0)).to(self.vae.dtype)  # [B, C, h, w]
-        return vae_to_unit(self.vae.decode(z, return_dict=False)[0])  # [B, 3, H, W]
+        return decode_scaled_latents(self.vae, x)
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -299,7 +297,7 @@ def sd3_policy_from_components(
     if text is None:
         encoders = {k: cast_module(parts[k], dtype) if k.startswith("text_encoder") else parts[k] for k in SD3_TEXT_PARTS}
         text = SD3TextEncoder(**encoders, max_sequence_length=opts.max_sequence_length)
-    side = opts.resolution or transformer.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    side = opts.resolution or transformer.config.sample_size * vae_scale_factor(vae)
     return SD3Policy(
         transformer, vae, text,
         height=opts.height or side, width=opts.width or side,

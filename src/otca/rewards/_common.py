@@ -3,6 +3,9 @@
 Contracts:
   * every path check fails with a one-line ``FileNotFoundError`` naming the reward, the file and the option
     to set;
+  * ``options.tiny: true`` builds a tiny random backbone of the same architecture in-process instead (no
+    files): a test/demo twin whose scores carry no meaning, so that configs run offline end to end;
+  * ``options.frames: true`` lets an image reward score videos frame by frame (:class:`FrameMean`);
   * checkpoints load through safetensors or ``torch.load(weights_only=True)``; no remote code, ever;
   * heavy packages (transformers) are imported inside the functions that need them, so ``import
     otca.rewards`` and reward registration stay cheap;
@@ -108,6 +111,23 @@ def torch_dtype(reward: str, name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[name]
 
 
+def tiny_backbone(reward: str, tiny: bool, **paths: str | None) -> bool:
+    """``tiny``, after checking that no weight path is set along with it (one-line error naming the option)."""
+    given = [k for k, v in paths.items() if v]
+    if tiny and given:
+        raise ValueError(
+            f"reward '{reward}': options.tiny builds a random backbone in-process; leave options.{given[0]} unset"
+        )
+    return tiny
+
+
+def seeded(seed: int, build: Callable[[], Any]) -> Any:
+    """``build()`` under ``torch.manual_seed(seed)``, leaving the global RNG as it was (tiny random twins)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def positive_int(reward: str, option: str, value: int) -> int:
     if not isinstance(value, int) or value < 1:
         raise ValueError(f"reward '{reward}': option {option}={value!r}, expected a positive integer")
@@ -146,6 +166,33 @@ def check_images(reward: str, pixels: torch.Tensor, prompts: Sequence[str]) -> t
 def check_videos(reward: str, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     """Validated float32 RGB videos ``[B, 3, F, H, W]`` in [0, 1]."""
     return _check_pixels(reward, pixels, prompts, "[B, C, F, H, W]")
+
+
+class FrameMean:
+    """An image reward applied to videos: ``[B, C, F, H, W]`` -> the mean over the F frames of the per-frame
+    scores ``[B]`` float32, each frame scored with its video's prompt. Images ``[B, C, H, W]`` pass through.
+
+    This is how VBench scores videos with image models (aesthetic and imaging quality: per-frame mean) and
+    how CLIPSIM measures video-text alignment; it ignores motion, which only a video model can judge.
+    """
+
+    def __init__(self, reward: Any):
+        self.reward = reward
+        self.name = reward.name
+
+    def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if pixels.ndim != 5:
+            return self.reward(pixels, prompts)
+        x = check_videos(self.name, pixels, prompts)  # [B, 3, F, H, W]
+        b, c, f, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * f, c, h, w)  # [B*F, 3, H, W], video-major
+        scores = self.reward(frames, [p for p in prompts for _ in range(f)])  # [B*F]
+        return scores.view(b, f).mean(dim=1)  # [B]
+
+
+def per_frame(reward: Any, frames: bool) -> Any:
+    """``reward``, wrapped in :class:`FrameMean` when ``frames`` (the rewards' ``frames`` option)."""
+    return FrameMean(reward) if frames else reward
 
 
 def chunked(

@@ -5,8 +5,8 @@ the logit scale: the convention of DanceGRPO and the OTCA paper (Table 1 reports
 is torchmetrics' CLIPScore before its clamp at 0. The paper does not name its CLIP; we expect
 ``openai/clip-vit-large-patch14`` (a local snapshot directory), but any transformers CLIP directory works.
 
-The pieces here (:class:`ClipSimilarity`, the model/tokenizer loaders, the embedding functions) are shared by
-PickScore, HPSv2.1 and the LAION aesthetic reward.
+The pieces here (:class:`ClipSimilarity`, the model/tokenizer loaders, the embedding functions, the tiny random
+CLIP of ``options.tiny``) are shared by PickScore, HPSv2.1 and the LAION aesthetic reward.
 """
 
 from __future__ import annotations
@@ -18,13 +18,17 @@ from typing import Callable, Sequence
 import torch
 
 from otca.rewards._common import (
+    CropPrep,
     check_images,
     chunked,
     crop_prep_from_processor,
     l2_normalize,
     option_hint,
+    per_frame,
     positive_int,
     require_dir,
+    seeded,
+    tiny_backbone,
     torch_dtype,
     transformers_module,
 )
@@ -33,6 +37,8 @@ from otca.rewards.registry import register_reward
 # A byte-level BPE has at least the 256 byte symbols; fewer means the vocabulary files were not read
 # (transformers 5 ``CLIPTokenizer(vocab_file=...)`` silently builds a 3-token toy vocabulary).
 _MIN_BPE_VOCAB = 256
+# Image side of the tiny random CLIP (patch 8: a 4x4 grid).
+TINY_CLIP_SIDE = 32
 
 
 @lru_cache(maxsize=4)
@@ -46,6 +52,30 @@ def _cached_clip(directory: str, device: str, dtype: torch.dtype):
         bad = sorted(info["missing_keys"]) + [m[0] for m in info["mismatched_keys"]]
         raise ValueError(f"CLIP weights in '{directory}' do not fit its config: {bad[:5]} ({len(bad)} in all)")
     return model.to(device).eval().requires_grad_(False)
+
+
+@lru_cache(maxsize=4)
+def tiny_clip(seed: int, hidden_act: str, device: str, dtype: torch.dtype):
+    """``(CLIPModel, tokenizer)``: a random tiny CLIP (eval, no grad) and the byte-level tiny CLIP tokenizer.
+
+    A test/demo twin, not a trained model: CLIP's structure (two towers, projections, EOT pooling, logit scale)
+    at width 32, so that configs with CLIP-family rewards run offline. Cached per argument set, so ``clip-t`` and
+    ``laion-aesthetic`` share one backbone as they do with real weights. ``hidden_act``: quick_gelu for OpenAI
+    CLIP, gelu for open_clip ViT-H (HPS).
+    """
+    from otca.models._diffusers_common import tiny_clip_tokenizer
+
+    tf = transformers_module()
+    tok = tiny_clip_tokenizer()
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, hidden_act=hidden_act)
+    cfg = tf.CLIPConfig(
+        text_config=dict(vocab_size=len(tok), max_position_embeddings=tok.model_max_length, bos_token_id=0,
+                         eos_token_id=1, pad_token_id=1, **tower),
+        vision_config=dict(image_size=TINY_CLIP_SIDE, patch_size=8, **tower),
+        projection_dim=16,
+    )
+    model = seeded(seed, lambda: tf.CLIPModel(cfg))
+    return model.to(device, dtype).eval().requires_grad_(False), tok
 
 
 def load_clip_model(reward: str, directory: str | Path | None, option: str, device: str, dtype: torch.dtype):
@@ -129,14 +159,21 @@ def hf_clip_similarity(
     device: str,
     dtype: str,
     batch_size: int,
+    tiny: bool = False,
+    seed: int = 0,
 ) -> ClipSimilarity:
     """A :class:`ClipSimilarity` on a transformers CLIP directory; tokenizer and preprocessing are read from
-    ``processor_path`` (default: ``path``)."""
-    model = load_clip_model(name, path, "path", device, torch_dtype(name, dtype))
-    proc_option = "processor_path" if processor_path else "path"
-    proc_dir = processor_path or path
-    tokenizer = load_clip_tokenizer(name, proc_dir, proc_option)
-    prep = crop_prep_from_processor(name, proc_dir, proc_option)
+    ``processor_path`` (default: ``path``). With ``tiny``: on :func:`tiny_clip` (seeded) and CLIP's
+    resize-and-crop preprocessing at its 32 px, no paths."""
+    if tiny_backbone(name, tiny, path=path, processor_path=processor_path):
+        model, tokenizer = tiny_clip(seed, "quick_gelu", str(torch.device(device)), torch_dtype(name, dtype))
+        prep = CropPrep(shortest_edge=TINY_CLIP_SIDE, crop=(TINY_CLIP_SIDE, TINY_CLIP_SIDE))
+    else:
+        model = load_clip_model(name, path, "path", device, torch_dtype(name, dtype))
+        proc_option = "processor_path" if processor_path else "path"
+        proc_dir = processor_path or path
+        tokenizer = load_clip_tokenizer(name, proc_dir, proc_option)
+        prep = crop_prep_from_processor(name, proc_dir, proc_option)
     scale = float(model.logit_scale.exp()) if use_logit_scale else 1.0
     return ClipSimilarity(name, model, tokenizer, prep, scale, batch_size)
 
@@ -148,11 +185,18 @@ def clip_t(
     device: str = "cpu",
     dtype: str = "float32",
     batch_size: int = 16,
-) -> ClipSimilarity:
+    tiny: bool = False,
+    seed: int = 0,
+    frames: bool = False,
+):
     """CLIP-T: raw cosine similarity of image and prompt (about 0.2-0.35 for a strong CLIP).
 
     ``path``: a local transformers CLIP directory (e.g. a snapshot of openai/clip-vit-large-patch14) with
     config.json, weights, tokenizer files and preprocessor_config.json; ``processor_path`` overrides where
-    the tokenizer and preprocessor files are read from.
+    the tokenizer and preprocessor files are read from. ``tiny``: a random tiny CLIP built in-process
+    (seeded by ``seed``; a test/demo twin, its scores mean nothing). ``frames``: also score videos, as the mean
+    over frames (CLIPSIM).
     """
-    return hf_clip_similarity("clip-t", path, processor_path, False, device, dtype, batch_size)
+    return per_frame(
+        hf_clip_similarity("clip-t", path, processor_path, False, device, dtype, batch_size, tiny, seed), frames
+    )

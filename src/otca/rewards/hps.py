@@ -18,14 +18,16 @@ import torch
 from otca.rewards._common import (
     LetterboxPrep,
     load_checkpoint,
+    per_frame,
     positive_int,
     require_file,
     square_side,
     tensor_dict,
+    tiny_backbone,
     torch_dtype,
     transformers_module,
 )
-from otca.rewards.clip import ClipSimilarity, load_clip_tokenizer
+from otca.rewards.clip import ClipSimilarity, load_clip_tokenizer, tiny_clip
 from otca.rewards.registry import register_reward
 
 # open_clip key -> CLIPModel key, for tensors outside the residual blocks. Layout of open_clip's CLIP /
@@ -180,17 +182,25 @@ def hpsv2_1(
     device: str = "cpu",
     dtype: str = "float32",
     batch_size: int = 16,
-) -> ClipSimilarity:
+    tiny: bool = False,
+    seed: int = 0,
+    frames: bool = False,
+):
     """HPSv2.1: cosine of open_clip ViT-H-14 features.
 
     ``path``: ``HPS_v2.1_compressed.pt`` (xswu/HPSv2; ``HPS_v2_compressed.pt`` gives HPSv2.0 the same way).
     ``tokenizer_path``: a directory with the CLIP BPE as vocab.json + merges.txt (any transformers CLIP
     snapshot, e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K); open_clip's tokenizer uses the same BPE, 77 tokens.
+    ``tiny``: a random tiny CLIP with exact GELU built in-process, HPS's letterbox preprocessing (seeded; a
+    test/demo twin, its scores mean nothing). ``frames``: also score videos, as the mean over frames.
     """
     name = "hpsv2.1"
     positive_int(name, "vision_heads", vision_heads)
     positive_int(name, "text_heads", text_heads)
-    model = load_openclip_as_hf(name, path, vision_heads, text_heads, device, torch_dtype(name, dtype))
-    tokenizer = load_clip_tokenizer(name, tokenizer_path, "tokenizer_path")
+    if tiny_backbone(name, tiny, path=path, tokenizer_path=tokenizer_path):
+        model, tokenizer = tiny_clip(seed, "gelu", str(torch.device(device)), torch_dtype(name, dtype))
+    else:
+        model = load_openclip_as_hf(name, path, vision_heads, text_heads, device, torch_dtype(name, dtype))
+        tokenizer = load_clip_tokenizer(name, tokenizer_path, "tokenizer_path")
     prep = LetterboxPrep(size=model.config.vision_config.image_size)
-    return ClipSimilarity(name, model, tokenizer, prep, 1.0, batch_size)
+    return per_frame(ClipSimilarity(name, model, tokenizer, prep, 1.0, batch_size), frames)

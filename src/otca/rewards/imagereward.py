@@ -31,11 +31,14 @@ from otca.rewards._common import (
     chunked,
     linear_chain,
     load_checkpoint,
+    per_frame,
     positive_int,
     require_dir,
     require_file,
+    seeded,
     square_side,
     tensor_dict,
+    tiny_backbone,
     torch_dtype,
     transformers_module,
 )
@@ -157,14 +160,59 @@ def _strict_load(reward: str, path: Path, module: torch.nn.Module, state: dict, 
                          f"unexpected {result.unexpected_keys[:5]}")
 
 
-def load_blip_tokenizer(reward: str, directory: str | None, option: str):
-    """bert-base-uncased's WordPiece from a local directory, with BLIP's ``[DEC]`` bos and ``[ENC]`` tokens
-    added as in BLIP ``init_tokenizer`` (so the id space matches the 30524-row embedding)."""
-    d = require_dir(reward, directory, option, "BERT tokenizer directory", needs=("vocab.txt",))
-    tok = transformers_module().BertTokenizer.from_pretrained(str(d), local_files_only=True)
+def add_blip_tokens(tok):
+    """BLIP's ``[DEC]`` bos and ``[ENC]`` tokens added as in BLIP ``init_tokenizer`` (so the id space of
+    bert-base-uncased matches the 30524-row embedding)."""
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return tok
+
+
+def load_blip_tokenizer(reward: str, directory: str | None, option: str):
+    """bert-base-uncased's WordPiece from a local directory, with BLIP's two added tokens."""
+    d = require_dir(reward, directory, option, "BERT tokenizer directory", needs=("vocab.txt",))
+    return add_blip_tokens(transformers_module().BertTokenizer.from_pretrained(str(d), local_files_only=True))
+
+
+def tiny_blip_tokenizer():
+    """A lower-casing WordPiece over ASCII letters, digits and punctuation (word-initial and ``##`` forms, so
+    no text is unknown), BERT's five special tokens first, plus BLIP's two: built offline for the tiny twin."""
+    import string
+
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
+    return add_blip_tokens(transformers_module().BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}))
+
+
+def tiny_imagereward(name: str, seed: int, device: str, dtype: torch.dtype, batch_size: int) -> "ImageReward":
+    """The test/demo twin: ImageReward's structure (BLIP ViT whose tokens a cross-attending BERT reads, an
+    activation-free head on the [CLS] state) at width 32, random and seeded. Its scores mean nothing."""
+    tf = transformers_module()
+    tok = tiny_blip_tokenizer()
+    side = 32
+    # initializer_range: BlipVisionConfig's default (1e-10) would make every image look the same
+    vcfg = tf.BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=side, patch_size=8, layer_norm_eps=1e-6, hidden_act="gelu",
+                               initializer_range=0.02)
+    tcfg = tf.BlipTextConfig(vocab_size=len(tok), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=_MAX_TEXT_LEN,
+                             layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=tok.pad_token_id,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.sep_token_id,
+                             sep_token_id=tok.sep_token_id, is_decoder=True)
+    vision, text, head = seeded(seed, lambda: (
+        tf.BlipVisionModel(vcfg), tf.BlipTextModel(tcfg, add_pooling_layer=False),
+        torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.Linear(8, 1)),
+    ))
+    prep = CropPrep(shortest_edge=side, crop=(side, side))
+    return ImageReward(
+        name,
+        vision.to(device, dtype).eval().requires_grad_(False),
+        text.to(device, dtype).eval().requires_grad_(False),
+        head.eval().requires_grad_(False),
+        tok,
+        prep,
+        batch_size,
+    )
 
 
 class ImageReward:
@@ -207,13 +255,20 @@ def imagereward(
     device: str = "cpu",
     dtype: str = "float32",
     batch_size: int = 16,
-) -> ImageReward:
+    tiny: bool = False,
+    seed: int = 0,
+    frames: bool = False,
+):
     """``path``: ``ImageReward.pt`` (THUDM/ImageReward). ``tokenizer_path``: a local bert-base-uncased
-    directory (vocab.txt). Head counts default to ImageReward's ViT-L/16 (16) and BERT-base (12)."""
+    directory (vocab.txt). Head counts default to ImageReward's ViT-L/16 (16) and BERT-base (12).
+    ``tiny``: a random tiny BLIP + BERT built in-process (seeded; a test/demo twin, its scores mean nothing).
+    ``frames``: also score videos, as the mean over frames."""
     name = "imagereward"
     positive_int(name, "vision_heads", vision_heads)
     positive_int(name, "text_heads", text_heads)
     dt = torch_dtype(name, dtype)
+    if tiny_backbone(name, tiny, path=path, tokenizer_path=tokenizer_path):
+        return per_frame(tiny_imagereward(name, seed, device, dt, batch_size), frames)
     ckpt_file = require_file(name, path, "path")
     state = tensor_dict(name, ckpt_file, load_checkpoint(name, ckpt_file))
     vision_sd, text_sd = split_imagereward_state(name, ckpt_file, state)
@@ -233,12 +288,15 @@ def imagereward(
         raise ValueError(f"reward '{name}': tokenizer in '{tokenizer_path}' has {len(tokenizer)} tokens, the "
                          f"checkpoint embeds {tcfg.vocab_size}")
     prep = CropPrep(shortest_edge=vcfg.image_size, crop=(vcfg.image_size, vcfg.image_size))
-    return ImageReward(
-        name,
-        vision.to(dt).eval().requires_grad_(False),
-        text.to(dt).eval().requires_grad_(False),
-        head,
-        tokenizer,
-        prep,
-        batch_size,
+    return per_frame(
+        ImageReward(
+            name,
+            vision.to(dt).eval().requires_grad_(False),
+            text.to(dt).eval().requires_grad_(False),
+            head,
+            tokenizer,
+            prep,
+            batch_size,
+        ),
+        frames,
     )

@@ -8,7 +8,8 @@ normalization makes both unnecessary, and the raw value is what papers report.
 
 from __future__ import annotations
 
-from otca.rewards.clip import ClipSimilarity, hf_clip_similarity
+from otca.rewards._common import per_frame
+from otca.rewards.clip import hf_clip_similarity
 from otca.rewards.registry import register_reward
 
 
@@ -19,12 +20,19 @@ def pickscore(
     device: str = "cpu",
     dtype: str = "float32",
     batch_size: int = 16,
-) -> ClipSimilarity:
+    tiny: bool = False,
+    seed: int = 0,
+    frames: bool = False,
+):
     """PickScore_v1.
 
     ``path``: a local snapshot of yuvalkirstain/PickScore_v1 (a transformers CLIP directory).
     ``processor_path``: where the tokenizer and preprocessor_config.json live; the official code uses
     laion/CLIP-ViT-H-14-laion2B-s32B-b79K's processor (same BPE, 224 px bicubic, center crop, OpenAI
-    statistics). Defaults to ``path``, which works when the snapshot carries those files too.
+    statistics). Defaults to ``path``, which works when the snapshot carries those files too. ``tiny``: a
+    random tiny CLIP built in-process (seeded by ``seed``; a test/demo twin, its scores mean nothing).
+    ``frames``: also score videos, as the mean over frames.
     """
-    return hf_clip_similarity("pickscore", path, processor_path, True, device, dtype, batch_size)
+    return per_frame(
+        hf_clip_similarity("pickscore", path, processor_path, True, device, dtype, batch_size, tiny, seed), frames
+    )

@@ -22,6 +22,9 @@ What is reproduced, and from where (KwaiVGI/VideoAlign at 219ab9d):
     possibly PEFT-wrapped state dict) or ``adapter_model.safetensors`` + ``non_lora_state_dict.pth``; LoRA
     deltas are merged as ``W + (alpha / r) B A`` (``alpha / sqrt(r)`` with rsLoRA).
 
+``options.tiny: true`` builds a random tiny Qwen2-VL reward model in-process (:func:`tiny_videoalign_scorer`):
+a test/demo twin with VideoAlign's whole input pipeline and forward, whose scores mean nothing.
+
 Known differences: the reference reads an mp4 file, so its frames went through video compression; we score
 the decoded frames directly (quantized to uint8 levels as a decoder would give them). The prompt template
 (``DETAILED_PROMPT_WITH_SPECIAL_TOKEN`` in VideoAlign's prompt_template.py) is third-party text we do not
@@ -41,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from otca.rewards._common import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
     check_videos,
     load_checkpoint,
     normalize,
@@ -48,7 +53,9 @@ from otca.rewards._common import (
     positive_int,
     require_dir,
     require_file,
+    seeded,
     tensor_dict,
+    tiny_backbone,
     torch_dtype,
     transformers_module,
 )
@@ -429,6 +436,49 @@ def shared_scorer(root: Path, base: Path, template_file: Path, tok_dir: Path, ch
     return VideoAlignScorer(name, model, head, tokenizer, template, spec, proc, source_fps, batch_size, use_norm)
 
 
+# The tiny twin's chat template and reward prompt: written for otca (Qwen2-VL's turn markup, one video then the
+# text), not VideoAlign's; they carry what the scorer needs: one video slot, {text_prompt}, the three tokens.
+_TINY_CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}{% if c['type'] == 'video' %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_TINY_TEMPLATE = "Prompt: {text_prompt}. Visual quality <|VQ_reward|> motion <|MQ_reward|> alignment <|TA_reward|>"
+_TINY_MARKUP = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", _VIDEO_TOKEN)
+
+
+@lru_cache(maxsize=2)
+def tiny_videoalign_scorer(seed: int, source_fps: float, device: str, dtype: torch.dtype,
+                           batch_size: int) -> VideoAlignScorer:
+    """The test/demo twin behind ``options.tiny``: a random Qwen2-VL (2 decoder layers of width 32, a 2-block
+    vision tower with 14 px patches, 2x2 merge, temporal patch 2) with a random 3-output reward head, a
+    byte-level BPE with the reward tokens, raw (unnormalized) scores. Its scores mean nothing."""
+    from otca.models._diffusers_common import byte_alphabet
+
+    tf = transformers_module()
+    tok = tf.Qwen2Tokenizer(vocab={s: i for i, s in enumerate(byte_alphabet())}, merges=[])
+    tok.add_special_tokens({"additional_special_tokens": [*_TINY_MARKUP, *SPECIAL_TOKENS]})
+    tok.chat_template = _TINY_CHAT
+    video, start, end, stop = tok.convert_tokens_to_ids([_VIDEO_TOKEN, "<|vision_start|>", "<|vision_end|>",
+                                                         "<|im_end|>"])
+    cfg = tf.Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), bos_token_id=stop, eos_token_id=stop, pad_token_id=stop,
+                         hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        video_token_id=video, vision_start_token_id=start, vision_end_token_id=end, image_token_id=video,
+    )
+    model, head = seeded(seed, lambda: (tf.Qwen2VLForConditionalGeneration(cfg), torch.randn(len(DIMS), 32)))
+    spec = VideoAlignSpec(fps=2.0, num_frames=None, max_pixels=240 * 320, output_dim=len(DIMS), lora_scale=None,
+                          mean=None, std=None)
+    proc = {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "image_mean": OPENAI_CLIP_MEAN,
+            "image_std": OPENAI_CLIP_STD}
+    model = model.to(device, dtype).eval().requires_grad_(False)
+    return VideoAlignScorer("videoalign", model, head, tok, _TINY_TEMPLATE, spec, proc, source_fps, batch_size, False)
+
+
 class VideoAlignReward:
     """One column (VQ, MQ or TA) of the shared scorer: ``[B, 3, F, H, W]`` videos -> ``[B]`` float32."""
 
@@ -453,8 +503,16 @@ def _factory(dim: str):
         dtype: str = "float32",
         batch_size: int = 2,
         normalize: bool = True,
+        tiny: bool = False,
+        seed: int = 0,
     ) -> VideoAlignReward:
         name = f"videoalign-{dim.lower()}"
+        paths = dict(path=path, base_path=base_path, prompt_template_path=prompt_template_path,
+                     tokenizer_path=tokenizer_path)
+        if tiny_backbone(name, tiny, **paths):
+            scorer = tiny_videoalign_scorer(seed, float(source_fps), str(torch.device(device)),
+                                            torch_dtype(name, dtype), positive_int(name, "batch_size", batch_size))
+            return VideoAlignReward(name, scorer, column)
         # paths are checked here, so that errors name the reward the user configured
         root = require_dir(name, path, "path", "VideoReward directory", needs=("model_config.json",))
         base = require_dir(name, base_path, "base_path", "Qwen2-VL base directory",
@@ -473,7 +531,8 @@ def _factory(dim: str):
     preprocessor_config.json); ``tokenizer_path`` overrides where the tokenizer is read. ``prompt_template_path``:
     a text file with VideoAlign's DETAILED_PROMPT_WITH_SPECIAL_TOKEN verbatim. ``source_fps``: frame rate
     of the generated videos (Wan 2.1: 16), used to sample 2 fps like the reference. The reference runs in
-    bfloat16 on GPU (``dtype='bfloat16'``)."""
+    bfloat16 on GPU (``dtype='bfloat16'``). ``tiny``: a random tiny reward model built in-process, shared by
+    the three columns (seeded; a test/demo twin, raw scores that mean nothing; no paths, ``normalize`` unused)."""
     return build
 
 

@@ -1,0 +1,317 @@
+"""``otca compare``: several credit schemes, several seeds, identical compute, one table in the paper's form.
+
+Every run is the same config (iterations, prompts, group size G, sampler steps, eval) with only
+``train.scheme`` and ``seed`` changed, so the schemes see the same prompts and initial noise at every
+iteration of a seed. Runs go to ``OUT/<scheme>/seed-<s>/`` (full run directories); a finished run whose
+config matches is reused, so an interrupted comparison picks up where it stopped. The outputs:
+
+- ``table.md`` / ``table.csv``: one row per scheme (plus the base model), one column per training reward and
+  eval-only metric after training, mean ± sample std over seeds (Table 1 of the paper), and wall seconds;
+- ``runs.csv``: the same metrics for every single run;
+- ``curves_iteration.png`` / ``curves_wall.png``: training reward per objective against the iteration and
+  against training wall time (mean over seeds, band = ± std, trailing mean over ``smooth`` iterations);
+- ``compare.json``: what was run and where (config, overrides, schemes, seeds, commit, versions).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+DEFAULT_SCHEMES = ("grpo", "flow-grpo", "tcd", "moca", "otca", "pcpo")
+DEFAULT_SEEDS = (0, 1, 2)
+QUICK_SEEDS = (0, 1)
+# CI-sized runs (seconds each): few iterations, a small batch, few steps, a small eval with 2 samples per
+# prompt (diversity needs 2). The user's overrides come after these and win.
+QUICK_OVERRIDES = (
+    "train.iterations=3",
+    "train.prompts_per_iter=2",
+    "train.group_size=4",
+    "train.micro_batch=8",
+    "sampler.num_steps=6",
+    "sampler.eval_steps=6",
+    "eval.samples_per_prompt=2",
+)
+BASE = "base"  # the table row of the untrained policy (eval before training)
+_SET_BY_COMPARE = ("train.scheme", "seed", "out_dir", "progress")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a comparison: ``scheme`` with ``seed``, in ``run_dir``."""
+
+    scheme: str
+    seed: int
+    run_dir: Path
+
+
+def plan_runs(schemes: Sequence[str], seeds: Sequence[int], out_dir: Path) -> list[RunSpec]:
+    """Every (scheme, seed) pair, scheme-major; unknown or repeated schemes / seeds are errors."""
+    from otca.credit import get_scheme
+
+    for name in schemes:
+        get_scheme(name)  # raises, listing the known schemes
+    for what, items in (("schemes", list(schemes)), ("seeds", list(seeds))):
+        if not items or len(set(items)) != len(items):
+            raise ValueError(f"compare {what}: expected a non-empty list without repeats, got {items}")
+    return [RunSpec(s, int(seed), Path(out_dir) / s / f"seed-{seed}") for s in schemes for seed in seeds]
+
+
+def run_config(config: str | None, overrides: Sequence[str], spec: RunSpec):
+    """The run's ``RunConfig``: the shared config and overrides, then this run's scheme, seed and directory."""
+    from otca.config import load_config
+
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in _SET_BY_COMPARE:
+            raise ValueError(f"compare override '{key}': set by compare itself (use --schemes, --seeds, --out)")
+    return load_config(config, [*overrides, f"train.scheme={spec.scheme}", f"seed={spec.seed}",
+                                f"out_dir={spec.run_dir}", "progress=false"])
+
+
+def run_once(cfg, threads: int) -> dict[str, Any]:
+    """Train one run (``cfg`` a RunConfig) and return its summary; a finished run with this exact config is
+    reused as it is, anything else in its directory is replaced."""
+    from otca.config import dump_config
+    from otca.trainer import Trainer
+
+    run_dir = Path(cfg.out_dir)
+    summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
+    if summary.is_file() and saved.is_file() and saved.read_text() == dump_config(cfg):
+        return json.loads(summary.read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)  # a stale or half-written run would mix into metrics.jsonl
+    torch.set_num_threads(threads)
+    return Trainer(cfg, run_dir).train()
+
+
+# ------------------------------------------------------------------ the table
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (``n - 1``) of the finite values; std is NaN with fewer than 2, both NaN with none."""
+    v = [float(x) for x in values if math.isfinite(x)]
+    if not v:
+        return math.nan, math.nan
+    m = sum(v) / len(v)
+    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else math.nan
+    return m, s
+
+
+def table_values(summaries: dict[RunSpec, dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """``{row: {metric: [one value per seed]}}``: the base row (eval before training, from the first scheme's
+    runs), then one row per scheme (eval after training, and ``wall_seconds``)."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    first = next(iter(summaries)).scheme
+    for spec, s in summaries.items():
+        if spec.scheme == first:
+            for k, v in s["eval_before"].items():
+                rows.setdefault(BASE, {}).setdefault(k, []).append(v)
+        row = rows.setdefault(spec.scheme, {})
+        for k, v in {**s["eval_after"], "wall_seconds": s["wall_seconds"]}.items():
+            row.setdefault(k, []).append(v)
+    return rows
+
+
+def _columns(values: dict[str, dict[str, list[float]]]) -> list[str]:
+    """Every metric of any row, in order of first appearance."""
+    return list(dict.fromkeys(k for row in values.values() for k in row))
+
+
+def format_markdown(values: dict[str, dict[str, list[float]]]) -> str:
+    """Rows x metrics, cells ``mean ± std`` (4 significant digits; ``-`` where a row lacks the metric)."""
+    cols = _columns(values)
+
+    def cell(vals: list[float] | None) -> str:
+        if not vals:
+            return "-"
+        m, s = mean_std(vals)
+        return f"{m:.4g}" if math.isnan(s) else f"{m:.4g} ± {s:.2g}"
+
+    lines = ["| method | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, row in values.items():
+        n = max(len(v) for v in row.values())
+        lines.append(f"| {name} | {n} | " + " | ".join(cell(row.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(values: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """One row per method: ``method, seeds``, then ``<metric>`` (mean) and ``<metric>_std`` for every metric."""
+    cols = _columns(values)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "seeds", *[h for c in cols for h in (c, f"{c}_std")]])
+        for name, row in values.items():
+            stats = [x for c in cols for x in mean_std(row.get(c, []))]
+            w.writerow([name, max(len(v) for v in row.values()), *stats])
+
+
+def write_runs_csv(summaries: dict[RunSpec, dict[str, Any]], path: Path) -> None:
+    """Every run's eval metrics after training and its wall seconds, one line per (scheme, seed)."""
+    rows = {spec: {**s["eval_after"], "wall_seconds": s["wall_seconds"]} for spec, s in summaries.items()}
+    cols = list(dict.fromkeys(k for row in rows.values() for k in row))  # ordered union
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["scheme", "seed", *cols])
+        for spec, row in rows.items():
+            w.writerow([spec.scheme, spec.seed, *[row.get(c, "") for c in cols]])
+
+
+# ------------------------------------------------------------------ the curves
+
+
+def trailing_mean(values: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean of the last ``window`` entries up to each position along the last dim ``[..., n] -> [..., n]``
+    (shorter at the start)."""
+    if window < 1:
+        raise ValueError(f"smooth: expected a window >= 1, got {window}")
+    c = torch.nn.functional.pad(values.double().cumsum(-1), (1, 0))  # [..., n+1]
+    idx = torch.arange(values.shape[-1])  # [n]
+    lo = (idx + 1 - window).clamp_min(0)  # [n]
+    return (c[..., idx + 1] - c[..., lo]) / (idx + 1 - lo)  # [..., n]
+
+
+def load_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """The rows of a run's ``metrics.jsonl``."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def curve_arrays(specs: Sequence[RunSpec], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values [seeds, n], wall [seeds, n])`` of one metric over the runs of one scheme, cut to the shortest."""
+    runs = [load_metrics(s.run_dir) for s in specs]
+    n = min(len(r) for r in runs)
+    values = torch.tensor([[row[key] for row in r[:n]] for r in runs], dtype=torch.float64)  # [seeds, n]
+    wall = torch.tensor([[row["wall_seconds"] for row in r[:n]] for r in runs], dtype=torch.float64)  # [seeds, n]
+    return values, wall
+
+
+def plot_reward_curves(specs: Sequence[RunSpec], reward_names: Sequence[str], out_dir: Path, smooth: int) -> list[Path]:
+    """``curves_iteration.png`` and ``curves_wall.png``: one panel per objective, one line per scheme."""
+    from otca.diagnostics import _plt
+
+    plt = _plt()
+    by_scheme: dict[str, list[RunSpec]] = {}
+    for s in specs:
+        by_scheme.setdefault(s.scheme, []).append(s)
+    paths = []
+    for axis, label in (("iteration", "iteration"), ("wall", "training wall time after iteration 0 (s, mean over seeds)")):
+        fig, axes = plt.subplots(1, len(reward_names), figsize=(4.2 * len(reward_names), 3.2), dpi=100, squeeze=False)
+        for ax, name in zip(axes[0], reward_names):
+            for scheme, runs in by_scheme.items():
+                values, wall = curve_arrays(runs, f"reward/{name}")  # [seeds, n] each
+                y = trailing_mean(values, smooth)  # [seeds, n]
+                m = y.mean(0)  # [n]
+                sd = y.std(0) if y.shape[0] > 1 else torch.zeros_like(m)  # [n]
+                # wall time from the end of iteration 0: the eval before training and warm-up are left out
+                x = torch.arange(m.shape[0]) if axis == "iteration" else (wall - wall[:, :1]).mean(0)  # [n]
+                ax.plot(x, m, lw=1.3, label=scheme)
+                ax.fill_between(x, m - sd, m + sd, alpha=0.15)
+            ax.set_title(f"reward/{name}", fontsize=9)
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"training reward (mean over seeds ± std, trailing mean over {smooth} iterations)", fontsize=9)
+        fig.tight_layout()
+        path = Path(out_dir) / f"curves_{axis}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------ the driver
+
+
+def provenance() -> dict[str, Any]:
+    """Where figures come from: otca's git commit (``+dirty`` with local changes), versions, CPU threads."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit is not None and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return {"commit": commit, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def _execute(configs: list, threads: int, jobs: int, report: Callable[[int, dict], None]) -> list[dict]:
+    """Run every config (``jobs`` processes side by side when > 1) and return the summaries in order."""
+    if jobs <= 1:
+        out = []
+        for i, cfg in enumerate(configs):
+            out.append(run_once(cfg, threads))
+            report(i, out[-1])
+        return out
+    # spawn, not fork: a forked process inherits torch's thread pools in an undefined state
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_once, cfg, threads) for cfg in configs]
+        out = []
+        for i, f in enumerate(futures):
+            out.append(f.result())
+            report(i, out[-1])
+        return out
+
+
+def compare(
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    schemes: Sequence[str] = DEFAULT_SCHEMES,
+    seeds: Sequence[int] | None = None,
+    out_dir: str | Path = "runs/compare",
+    quick: bool = False,
+    jobs: int = 1,
+    threads: int = 1,
+    smooth: int = 5,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, list[float]]]:
+    """Train every scheme with every seed on one config and write the table, CSVs, curves and compare.json.
+
+    ``quick`` puts :data:`QUICK_OVERRIDES` before ``overrides`` and defaults ``seeds`` to :data:`QUICK_SEEDS`
+    (else :data:`DEFAULT_SEEDS`). ``jobs`` runs that many trainings side by side (separate processes,
+    ``threads`` torch threads each). Returns :func:`table_values`.
+    """
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"compare: jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
+    out = Path(out_dir)
+    seeds = tuple(seeds if seeds is not None else (QUICK_SEEDS if quick else DEFAULT_SEEDS))
+    overrides = [*(QUICK_OVERRIDES if quick else ()), *overrides]
+    specs = plan_runs(schemes, seeds, out)
+    configs = [run_config(config, overrides, s) for s in specs]  # every config error before any training
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def report(i: int, summary: dict) -> None:
+        r = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in summary["eval_after"].items() if k.startswith("reward/"))
+        log(f"[{i + 1}/{len(specs)}] {specs[i].scheme} seed {specs[i].seed}: {summary['wall_seconds']:.0f} s; {r}")
+
+    summaries = dict(zip(specs, _execute(configs, threads, jobs, report)))
+    values = table_values(summaries)
+    (out / "table.md").write_text(format_markdown(values) + "\n")
+    write_csv(values, out / "table.csv")
+    write_runs_csv(summaries, out / "runs.csv")
+    plot_reward_curves(specs, [r.name for r in configs[0].rewards], out, smooth)
+    meta = {"config": config or "defaults", "overrides": list(overrides), "schemes": list(schemes),
+            "seeds": list(seeds), "jobs": jobs, "threads_per_job": threads, "smooth": smooth,
+            "wall_seconds": time.time() - t0, **provenance()}
+    (out / "compare.json").write_text(json.dumps(meta, indent=1))
+    return values

@@ -1,0 +1,147 @@
+"""``otca compare``: table arithmetic by hand, curve smoothing against a loop, and one tiny comparison end to end."""
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from otca.compare import (
+    BASE,
+    QUICK_OVERRIDES,
+    RunSpec,
+    compare,
+    format_markdown,
+    load_metrics,
+    mean_std,
+    plan_runs,
+    run_config,
+    table_values,
+    trailing_mean,
+    write_csv,
+)
+
+SCHEMES = ("grpo", "otca")
+SEEDS = (0, 1)
+EXTRA = ("train.iterations=2", "eval.metrics=null", "eval.samples_per_prompt=1")
+
+
+def test_mean_std_is_the_sample_std_of_the_finite_values():
+    assert mean_std([1.0, 2.0, 6.0]) == (3.0, pytest.approx(statistics.stdev([1, 2, 6])))
+    m, s = mean_std([4.0, float("nan")])
+    assert m == 4.0 and math.isnan(s)
+    assert all(math.isnan(x) for x in mean_std([]))
+
+
+def test_trailing_mean_matches_a_loop():
+    x = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
+    for w in (1, 3, 20):
+        want = torch.tensor([[sum(r[max(0, i - w + 1): i + 1]) / len(r[max(0, i - w + 1): i + 1]) for i in range(11)]
+                             for r in x.tolist()], dtype=torch.float64)
+        torch.testing.assert_close(trailing_mean(x, w), want)
+    with pytest.raises(ValueError, match="smooth: expected a window >= 1"):
+        trailing_mean(x, 0)
+
+
+def _summary(before, after, wall):
+    return {"eval_before": {"reward/a": before}, "eval_after": {"reward/a": after, "eval/x": after * 10}, "wall_seconds": wall}
+
+
+def test_table_values_markdown_and_csv_by_hand(tmp_path):
+    summaries = {
+        RunSpec("grpo", 0, Path("g0")): _summary(0.5, 0.6, 10.0),
+        RunSpec("grpo", 1, Path("g1")): _summary(0.5, 0.8, 12.0),
+        RunSpec("otca", 0, Path("o0")): _summary(0.5, 0.9, 11.0),
+        RunSpec("otca", 1, Path("o1")): _summary(0.5, 0.7, 13.0),
+    }
+    values = table_values(summaries)
+    assert list(values) == [BASE, "grpo", "otca"]
+    assert values[BASE] == {"reward/a": [0.5, 0.5]}  # from the first scheme's runs only
+    assert values["grpo"] == {"reward/a": [0.6, 0.8], "eval/x": [6.0, 8.0], "wall_seconds": [10.0, 12.0]}
+    md = format_markdown(values).splitlines()
+    assert md[0] == "| method | seeds | reward/a | eval/x | wall_seconds |"
+    assert md[2] == "| base | 2 | 0.5 ± 0 | - | - |"
+    assert md[3] == f"| grpo | 2 | 0.7 ± {statistics.stdev([0.6, 0.8]):.2g} | 7 ± {statistics.stdev([6, 8]):.2g} | 11 ± 1.4 |"
+    write_csv(values, tmp_path / "t.csv")
+    rows = list(csv.reader(open(tmp_path / "t.csv")))
+    assert rows[0] == ["method", "seeds", "reward/a", "reward/a_std", "eval/x", "eval/x_std", "wall_seconds", "wall_seconds_std"]
+    assert rows[2][:2] == ["grpo", "2"]
+    assert [float(x) for x in rows[2][2:4]] == pytest.approx([0.7, statistics.stdev([0.6, 0.8])])
+    assert rows[1][4] == "nan"
+
+
+def test_plan_and_config_errors_are_one_line():
+    with pytest.raises(KeyError, match="unknown credit scheme 'bogus'"):
+        plan_runs(["grpo", "bogus"], [0], Path("x"))
+    with pytest.raises(ValueError, match="compare seeds: expected a non-empty list without repeats"):
+        plan_runs(["grpo"], [0, 0], Path("x"))
+    spec = RunSpec("grpo", 3, Path("x/grpo/seed-3"))
+    with pytest.raises(ValueError, match="compare override 'train.scheme': set by compare itself"):
+        run_config(None, ["train.scheme=otca"], spec)
+    cfg = run_config(None, ["train.lr=1e-5"], spec)
+    assert (cfg.train.scheme, cfg.seed, cfg.out_dir, cfg.train.lr) == ("grpo", 3, "x/grpo/seed-3", 1e-5)
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    values = compare(None, EXTRA, schemes=SCHEMES, quick=True, out_dir=out, log=lambda line: None)
+    return out, values
+
+
+def test_comparison_writes_every_output_and_its_provenance(comparison):
+    out, values = comparison
+    for f in ["table.md", "table.csv", "runs.csv", "curves_iteration.png", "curves_wall.png", "compare.json"]:
+        assert (out / f).is_file(), f
+    meta = json.loads((out / "compare.json").read_text())
+    assert meta["schemes"] == list(SCHEMES) and meta["seeds"] == list(SEEDS)
+    assert meta["overrides"] == [*QUICK_OVERRIDES, *EXTRA]
+    assert list(values) == [BASE, *SCHEMES]
+    runs = list(csv.DictReader(open(out / "runs.csv")))
+    assert [(r["scheme"], r["seed"]) for r in runs] == [(s, str(d)) for s in SCHEMES for d in SEEDS]
+
+
+def test_the_table_is_the_mean_over_seeds_of_every_runs_summary(comparison):
+    out, values = comparison
+    for scheme in SCHEMES:
+        summaries = [json.loads((out / scheme / f"seed-{s}" / "summary.json").read_text()) for s in SEEDS]
+        for key in summaries[0]["eval_after"]:
+            assert values[scheme][key] == [s["eval_after"][key] for s in summaries]
+        want = mean_std([s["eval_after"]["reward/digit-alignment"] for s in summaries])
+        row = next(r for r in csv.DictReader(open(out / "table.csv")) if r["method"] == scheme)
+        assert float(row["reward/digit-alignment"]) == pytest.approx(want[0])
+        assert float(row["reward/digit-alignment_std"]) == pytest.approx(want[1])
+
+
+def test_schemes_get_identical_compute(comparison):
+    """Same prompts and noise: the first rollout (before any update) scores the same under every scheme."""
+    out, _ = comparison
+    first = {(s, d): load_metrics(out / s / f"seed-{d}")[0] for s in SCHEMES for d in SEEDS}
+    key = "reward/digit-alignment"
+    for d in SEEDS:
+        assert first[("grpo", d)][key] == first[("otca", d)][key]
+    assert first[("grpo", 0)][key] != first[("grpo", 1)][key]
+    def shared(path):  # the config without what compare sets per run
+        cfg = yaml.safe_load(path.read_text())
+        del cfg["seed"], cfg["out_dir"], cfg["train"]["scheme"]
+        return cfg
+
+    cfgs = [shared(out / s / f"seed-{d}" / "config.yaml") for s in SCHEMES for d in SEEDS]
+    assert all(c == cfgs[0] for c in cfgs)
+
+
+def test_cli_reuses_finished_runs_and_prints_the_table(comparison, capsys):
+    from otca.cli import main
+
+    out, _ = comparison
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/summary.json")}
+    assert len(stamps) == 4
+    argv = ["compare", "--quick", "--schemes", ",".join(SCHEMES), "--out", str(out), *EXTRA]
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    printed = capsys.readouterr().out
+    assert "| method | seeds |" in printed and "| otca | 2 |" in printed
