@@ -5,6 +5,7 @@ A duplicate name raises; an unknown name is a one-line error that lists the know
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -18,9 +19,25 @@ class UnknownNameError(KeyError):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    """Objects by name. ``providers`` are modules that register more entries when imported; they are imported
+    on the first look-up, so heavy optional modules load only when something asks for a name."""
+
+    def __init__(self, kind: str, providers: tuple[str, ...] = ()):
         self.kind = kind
+        self.providers = providers
         self._items: dict[str, T] = {}
+        self._loaded = not providers
+
+    def _load_providers(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for mod in self.providers:
+            try:
+                importlib.import_module(mod)
+            except ModuleNotFoundError as e:
+                if e.name != mod:  # a provider that exists but is broken must fail loudly
+                    raise
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: ``@REG.register("name")`` adds the object under ``name``."""
@@ -34,13 +51,16 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
+        self._load_providers()
         try:
             return self._items[name]
         except KeyError:
             raise UnknownNameError(f"unknown {self.kind} '{name}': known are {', '.join(sorted(self._items))}") from None
 
     def names(self) -> list[str]:
+        self._load_providers()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
+        self._load_providers()
         return name in self._items

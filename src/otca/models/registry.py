@@ -6,7 +6,6 @@ imports happen inside the builder, so only the chosen model family is imported.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -17,20 +16,10 @@ from otca.registry import Registry
 if TYPE_CHECKING:
     from otca.config import ModelConfig
 
-POLICIES: Registry[Callable[["ModelConfig", torch.device], FlowPolicy]] = Registry("model kind")
-
-
-# Modules that register more adapters, imported on first use (each imports its heavy modules lazily).
+# Modules that register more adapters, imported on first look-up (each imports its heavy modules lazily).
 _PROVIDERS = ("otca.models.flux", "otca.models.sd3", "otca.models.wan")
 
-
-def _load_providers() -> None:
-    for mod in _PROVIDERS:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # a provider that exists but is broken must fail loudly
-                raise
+POLICIES: Registry[Callable[["ModelConfig", torch.device], FlowPolicy]] = Registry("model kind", providers=_PROVIDERS)
 
 
 def register_policy(name: str):
@@ -39,12 +28,10 @@ def register_policy(name: str):
 
 
 def build_policy(cfg: "ModelConfig", device: torch.device) -> FlowPolicy:
-    _load_providers()
     return POLICIES.get(cfg.kind)(cfg, device)
 
 
 def policy_kinds() -> list[str]:
-    _load_providers()
     return POLICIES.names()
 
 
