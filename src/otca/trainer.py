@@ -181,6 +181,7 @@ class Trainer:
             "eval_after": after.metrics,
             "wall_seconds": wall,
             "world_size": self.info.world_size,
+            "diagnostics": self._run_diagnostics() if self.info.is_main else {},
         }
         if self.info.is_main:
             self.log_eval(cfg.train.iterations, after.metrics)
@@ -401,6 +402,16 @@ class Trainer:
                 for i, st in state["state"].items()
             }
         self.optimizer.load_state_dict(state)
+
+    def _run_diagnostics(self) -> dict[str, float]:
+        """Credit and PPO diagnostics averaged over the run's iterations (from metrics.jsonl)."""
+        path = self.run_dir / "metrics.jsonl"
+        rows = [json.loads(l) for l in path.read_text().splitlines() if l] if path.is_file() else []
+        keys = [k for k in (rows[0] if rows else {}) if k.startswith(("credit/", "train/clip_frac", "train/approx_kl"))]
+        out = {f"mean_{k}": sum(r[k] for r in rows) / len(rows) for k in keys}
+        if rows:
+            out["max_train/ratio_first_step_max_dev"] = max(r["train/ratio_first_step_max_dev"] for r in rows)
+        return out
 
     def write_plots(self) -> None:
         rows = [json.loads(l) for l in (self.run_dir / "metrics.jsonl").read_text().splitlines() if l]
