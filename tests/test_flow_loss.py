@@ -69,6 +69,16 @@ def _gradient_case(seed=0):
     return (old + log_ratio).requires_grad_(True), old, adv, mask
 
 
+def _kl_loss_and_grad(objective, seed, kl_coef):
+    """A :func:`_gradient_case` with a random KL term ``[5, 8]``: its tensors ``(log_probs, old, adv, mask, kl)``,
+    the loss and the loss's gradient with respect to log_probs."""
+    log_probs, old, adv, mask = _gradient_case(seed=seed)
+    kl = torch.rand(5, 8)
+    loss, _ = policy_loss(log_probs, old, adv, mask, objective=objective, kl=kl, kl_coef=kl_coef)
+    (grad,) = torch.autograd.grad(loss, log_probs)
+    return (log_probs, old, adv, mask, kl), loss, grad
+
+
 def test_clip_gradient_matches_hand_formula():
     log_probs, old, adv, mask = _gradient_case()
     loss, _ = policy_loss(log_probs, old, adv, mask, clip_range=EPS)
@@ -96,10 +106,7 @@ def test_log_hinge_gradient_matches_hand_formula():
 
 @pytest.mark.parametrize("objective", ["clip", "log-hinge"])
 def test_masked_entries_contribute_nothing_even_inf_and_nan(objective):
-    log_probs, old, adv, mask = _gradient_case(seed=2)
-    kl = torch.rand(5, 8)
-    clean, _ = policy_loss(log_probs, old, adv, mask, objective=objective, kl=kl, kl_coef=0.5)
-    (clean_grad,) = torch.autograd.grad(clean, log_probs)
+    (log_probs, old, adv, mask, kl), clean, clean_grad = _kl_loss_and_grad(objective, seed=2, kl_coef=0.5)
 
     poisoned = [t.detach().clone() for t in (log_probs, old, adv, kl)]
     for t, bad in zip(poisoned, (math.inf, -math.inf, math.nan, math.nan)):
@@ -114,10 +121,7 @@ def test_masked_entries_contribute_nothing_even_inf_and_nan(objective):
 
 @pytest.mark.parametrize("objective", ["clip", "log-hinge"])
 def test_normalizer_chunks_reproduce_the_full_mean(objective):
-    log_probs, old, adv, mask = _gradient_case(seed=3)
-    kl = torch.rand(5, 8)
-    full, _ = policy_loss(log_probs, old, adv, mask, objective=objective, kl=kl, kl_coef=0.1)
-    (full_grad,) = torch.autograd.grad(full, log_probs)
+    (log_probs, old, adv, mask, kl), full, full_grad = _kl_loss_and_grad(objective, seed=3, kl_coef=0.1)
     n = int(mask.sum())
     chunks = [
         policy_loss(log_probs[:, s], old[:, s], adv[:, s], mask[:, s], objective=objective, kl=kl[:, s],

@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _helpers import CPU, check_checkpointing_keeps_gradients, check_resampled_ratio_is_one, latents
 from otca.config import ConfigError, LoraConfig, ModelConfig, load_config
 from otca.flow import dance_sde_step, make_sigmas
-from otca.models._diffusers_common import PromptEmbeddingCache, save_components
+from otca.models._diffusers_common import BuildInputs, PromptEmbeddingCache, save_components
 from otca.models.base import FlowPolicy
 from otca.models.flux import (
     FLUX_DEV_GUIDANCE,
@@ -29,7 +30,6 @@ from otca.trainer import Trainer
 
 torch.set_num_threads(1)
 
-CPU = torch.device("cpu")
 PROMPTS = ["a red cat", "two dogs on grass", "a photo of a tree"]
 L = 12  # T5 tokens: short, to keep the tiny twin fast
 OPTIONS = {"max_sequence_length": L, "resolution": 32}
@@ -44,10 +44,6 @@ def flux_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def policy(flux_dir) -> FluxPolicy:
     return build_policy(ModelConfig(kind="flux", path=str(flux_dir), options=OPTIONS), CPU)
-
-
-def _latents(policy, n=3, seed=0):
-    return policy.init_latents(n, torch.Generator().manual_seed(seed))
 
 
 # ------------------------------------------------------------------------------------------- loading, shapes
@@ -65,7 +61,7 @@ def test_registered_loaded_from_disk_with_the_twin_weights(policy):
 
 
 def test_velocity_and_decode_shapes(policy):
-    x, cond = _latents(policy), policy.encode(PROMPTS)
+    x, cond = latents(policy), policy.encode(PROMPTS)
     assert x.shape == (3, 16, 4, 4) and x.dtype == torch.float32  # 32 px / 8 (VAE)
     assert cond.prompt_embeds.shape == (3, L, 32) and cond.pooled.shape == (3, 24)
     v = policy.velocity(x, torch.tensor([1.0, 0.6, 0.2]), cond)
@@ -84,7 +80,7 @@ def test_resolution_options_and_bad_sizes():
     parts = tiny_flux_components(0)
 
     def shape(**opts):
-        return flux_policy_from_components(parts, FluxOptions(tiny=True, **opts), torch.float32, torch.float32).latent_shape
+        return flux_policy_from_components(BuildInputs(FluxOptions(tiny=True, **opts), parts)).latent_shape
 
     assert shape(height=48, width=32) == (16, 6, 4) and shape() == (16, 8, 8) and shape(resolution=16) == (16, 2, 2)
     with pytest.raises(ValueError, match="multiples of 16, got 40x32"):
@@ -123,7 +119,7 @@ def test_ode_sampling_and_decoding_match_the_pipeline(policy):
 
     pipe = _pipeline(policy)
     sigmas = make_sigmas(4, 3.0)  # [5], ends at 0
-    x = _latents(policy, seed=5)
+    x = latents(policy, seed=5)
     with torch.no_grad():
         ours = policy.decode(sample_ode(policy, policy.encode(PROMPTS), x, sigmas))
         ref = pipe(
@@ -145,21 +141,8 @@ def test_codec_encode_is_the_scaled_posterior_mean(policy):
 
 
 def test_sampled_transition_reevaluated_has_ratio_exactly_one(policy):
-    x, cond = _latents(policy), policy.encode(PROMPTS)
-    sigma, sigma_next = 0.8, 0.6
-    s = torch.full((3,), sigma)
-    with torch.no_grad():
-        v = policy.velocity(x, s, cond)
-        x_next, logp_old, _, _ = dance_sde_step(x, v, sigma, sigma_next, eta=0.3, generator=torch.Generator().manual_seed(3))
-    v_new = policy.velocity(x, s, cond)  # the training-time re-evaluation, with grad
-    _, logp_new, _, _ = dance_sde_step(x, v_new, sigma, sigma_next, eta=0.3, prev=x_next)
-    ratio = torch.exp(logp_new - logp_old)
-    assert torch.equal(ratio.detach(), torch.ones(3))
-    ratio.sum().backward()
-    grads = [p.grad for p in policy.trainable_parameters()]
-    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    check_resampled_ratio_is_one(policy, PROMPTS, dance_sde_step, eta=0.3)
     assert {n.split(".")[0] for n, p in policy.named_parameters() if p.requires_grad} == {"transformer"}
-    policy.zero_grad(set_to_none=True)
 
 
 def test_lora_on_the_transformer_only_fp32_adapters_on_bf16(flux_dir):
@@ -171,7 +154,7 @@ def test_lora_on_the_transformer_only_fp32_adapters_on_bf16(flux_dir):
     assert {n for n, p in policy.named_parameters() if p.requires_grad} == set(lora)
     assert all(p.dtype == torch.float32 for p in lora.values())  # updates of 1e-5 survive
     assert policy.transformer.dtype == torch.bfloat16 and policy.transformer.is_gradient_checkpointing
-    x, cond = _latents(policy, 2), policy.encode(PROMPTS[:2])
+    x, cond = latents(policy, 2), policy.encode(PROMPTS[:2])
     assert cond.prompt_embeds.dtype == torch.bfloat16  # text encoders in cfg.dtype
     policy.train()
     v = policy.velocity(x, torch.full((2,), 0.5), cond)
@@ -205,14 +188,10 @@ def test_trainer_with_lora_changes_only_the_lora_weights(tmp_path, monkeypatch):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(flux_dir):
-    grads = []
-    for checkpointing in (False, True):
-        policy = build_policy(ModelConfig(kind="flux", path=str(flux_dir), options=OPTIONS,
-                                          gradient_checkpointing=checkpointing), CPU)
-        assert policy.transformer.is_gradient_checkpointing == checkpointing
-        policy.velocity(_latents(policy), torch.full((3,), 0.4), policy.encode(PROMPTS)).square().mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in policy.trainable_parameters()]))
-    torch.testing.assert_close(grads[1], grads[0])
+    def build(**kw):
+        return build_policy(ModelConfig(kind="flux", path=str(flux_dir), options=OPTIONS, **kw), CPU)
+
+    check_checkpointing_keeps_gradients(build, PROMPTS, torch.full((3,), 0.4))
 
 
 # ------------------------------------------------------------------------------- embeddings, options, errors
@@ -223,7 +202,7 @@ def test_precomputed_embeddings_stand_in_for_the_text_encoders(policy, flux_dir,
     cached = build_policy(ModelConfig(kind="flux", path=str(flux_dir), options={**OPTIONS, "embeddings": str(path)}), CPU)
     assert isinstance(cached.text, PromptEmbeddingCache)
     assert not any(n.startswith("text.") for n, _ in cached.named_parameters())  # encoders never loaded
-    x, s = _latents(policy), torch.tensor([0.9, 0.5, 0.1])
+    x, s = latents(policy), torch.tensor([0.9, 0.5, 0.1])
     with torch.no_grad():
         expect = policy.velocity(x, s, policy.encode(PROMPTS))
         torch.testing.assert_close(cached.velocity(x, s, cached.encode(PROMPTS)), expect)
@@ -231,7 +210,7 @@ def test_precomputed_embeddings_stand_in_for_the_text_encoders(policy, flux_dir,
 
 def test_tiny_in_process_equals_the_saved_twin(policy):
     tiny = build_policy(ModelConfig(kind="flux", options={**OPTIONS, "tiny": True}), CPU)
-    x, s = _latents(policy), torch.full((3,), 0.7)
+    x, s = latents(policy), torch.full((3,), 0.7)
     with torch.no_grad():
         expect = policy.velocity(x, s, policy.encode(PROMPTS))
         torch.testing.assert_close(tiny.velocity(x, s, tiny.encode(PROMPTS)), expect)
@@ -272,10 +251,10 @@ def test_schnell_like_transformer_runs_without_guidance():
     parts = tiny_flux_components(0)
     torch.manual_seed(0)
     parts["transformer"] = FluxTransformer2DModel.from_config({**parts["transformer"].config, "guidance_embeds": False})
-    schnell = flux_policy_from_components(parts, FluxOptions(tiny=True, **OPTIONS), torch.float32, torch.float32)
+    schnell = flux_policy_from_components(BuildInputs(FluxOptions(tiny=True, **OPTIONS), parts))
     assert schnell.guidance_scale is None
-    v = schnell.velocity(_latents(schnell, 1), torch.ones(1), schnell.encode(PROMPTS[:1]))
+    v = schnell.velocity(latents(schnell, 1), torch.ones(1), schnell.encode(PROMPTS[:1]))
     assert torch.isfinite(v).all()
     with pytest.raises(ValueError, match="guidance-distilled"):
         opts = FluxOptions(tiny=True, guidance_scale=3.5, **OPTIONS)
-        flux_policy_from_components(parts, opts, torch.float32, torch.float32)
+        flux_policy_from_components(BuildInputs(opts, parts))

@@ -12,9 +12,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from otca.config import ConfigError, LoraConfig, ModelConfig
+from _helpers import (
+    CPU,
+    check_checkpointing_keeps_gradients,
+    check_full_and_lora_trainables,
+    check_resampled_ratio_is_one,
+    check_same_policy,
+    check_timestep_is_1000_sigma,
+    latents,
+)
+from otca.config import ConfigError, ModelConfig
 from otca.flow import flow_sde_step
 from otca.models._diffusers_common import (
+    BuildInputs,
     PromptEmbeddingCache,
     save_components,
     save_prompt_embeddings,
@@ -27,13 +37,12 @@ from otca.models.sd3 import SD3Cond, SD3Options, SD3Policy, sd3_policy_from_comp
 
 torch.set_num_threads(1)
 
-CPU = torch.device("cpu")
 PROMPTS = ["a red cat", "two dogs on grass", "a photo of a tree"]
 
 
 def _policy(guidance_scale: float, **opts) -> SD3Policy:
     options = SD3Options(tiny=True, guidance_scale=guidance_scale, **opts)
-    return sd3_policy_from_components(tiny_sd3_components(0), options, torch.float32, torch.float32)
+    return sd3_policy_from_components(BuildInputs(options, tiny_sd3_components(0)))
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +53,6 @@ def cfg_policy() -> SD3Policy:
 @pytest.fixture(scope="module")
 def plain_policy() -> SD3Policy:
     return _policy(1.0)
-
-
-def _latents(policy, n=3, seed=0):
-    return policy.init_latents(n, torch.Generator().manual_seed(seed))
 
 
 SIGMAS = torch.tensor([1.0, 0.6, 0.2])
@@ -62,7 +67,7 @@ def test_registered_and_a_flow_policy(plain_policy):
 
 
 def test_velocity_shape_equals_latent_shape(cfg_policy):
-    x = _latents(cfg_policy)
+    x = latents(cfg_policy)
     assert x.shape == (3, 16, 8, 8) and x.dtype == torch.float32
     v = cfg_policy.velocity(x, SIGMAS, cfg_policy.encode(PROMPTS))
     assert v.shape == x.shape and v.dtype == torch.float32 and torch.isfinite(v).all()
@@ -70,22 +75,11 @@ def test_velocity_shape_equals_latent_shape(cfg_policy):
 
 def test_velocity_feeds_the_transformer_1000_sigma(plain_policy):
     """SD3's transformer takes the scheduler timestep sigma * 1000 (FlowMatchEulerDiscreteScheduler)."""
-    x, cond = _latents(plain_policy), plain_policy.encode(PROMPTS)
-
-    def direct(t):
-        return plain_policy.transformer(
-            hidden_states=x, timestep=t, encoder_hidden_states=cond.prompt_embeds,
-            pooled_projections=cond.pooled, return_dict=False,
-        )[0]
-
-    with torch.no_grad():
-        v = plain_policy.velocity(x, SIGMAS, cond)
-        torch.testing.assert_close(v, direct(SIGMAS * 1000), rtol=0, atol=0)
-        assert not torch.allclose(v, direct(SIGMAS), atol=1e-3)  # the scale matters: the check can fail
+    check_timestep_is_1000_sigma(plain_policy, PROMPTS, SIGMAS, pooled_projections="pooled")
 
 
 def test_scalar_sigma_broadcasts(plain_policy):
-    x, cond = _latents(plain_policy), plain_policy.encode(PROMPTS)
+    x, cond = latents(plain_policy), plain_policy.encode(PROMPTS)
     with torch.no_grad():
         torch.testing.assert_close(
             plain_policy.velocity(x, torch.tensor(0.6), cond), plain_policy.velocity(x, torch.full((3,), 0.6), cond)
@@ -169,7 +163,7 @@ def test_tiny_tokenizers_tokenize_for_real():
 
 def test_cfg_is_v_neg_plus_scale_times_difference(cfg_policy, plain_policy):
     """Both policies share the tiny weights; the guided velocity is the CFG formula on separate passes."""
-    x = _latents(cfg_policy)
+    x = latents(cfg_policy)
     cond = cfg_policy.encode(PROMPTS)
     assert cond.negative() is not None and plain_policy.encode(PROMPTS).negative() is None
     neg = SD3Cond.build(cond.negative())
@@ -183,11 +177,11 @@ def test_cfg_is_v_neg_plus_scale_times_difference(cfg_policy, plain_policy):
 
 def test_cfg_on_needs_negative_embeddings(cfg_policy, plain_policy):
     with pytest.raises(ValueError, match="negative-prompt embeddings"):
-        cfg_policy.velocity(_latents(cfg_policy), SIGMAS, plain_policy.encode(PROMPTS))
+        cfg_policy.velocity(latents(cfg_policy), SIGMAS, plain_policy.encode(PROMPTS))
 
 
 def test_cfg_off_ignores_negatives(cfg_policy, plain_policy):
-    x, cond = _latents(plain_policy), cfg_policy.encode(PROMPTS)
+    x, cond = latents(plain_policy), cfg_policy.encode(PROMPTS)
     with torch.no_grad():
         torch.testing.assert_close(
             plain_policy.velocity(x, SIGMAS, cond), plain_policy.velocity(x, SIGMAS, SD3Cond.build(cond.positive()))
@@ -198,7 +192,7 @@ def test_cfg_off_ignores_negatives(cfg_policy, plain_policy):
 
 
 def test_cond_slicing(cfg_policy):
-    x = _latents(cfg_policy)
+    x = latents(cfg_policy)
     cond = cfg_policy.encode(PROMPTS)
     assert len(cond) == 3 and len(cond[1]) == 1 and len(cond[1:]) == 2
     sub = cond[torch.tensor([2, 0])]
@@ -246,7 +240,7 @@ def test_encode_from_precomputed_embeddings_equals_encode_from_prompts(cfg_polic
     a, b = cfg_policy.encode(asked), cached.encode(asked)
     for f in ("prompt_embeds", "pooled", "neg_prompt_embeds", "neg_pooled"):
         assert torch.equal(getattr(a, f), getattr(b, f)), f
-    x = _latents(cached)
+    x = latents(cached)
     with torch.no_grad():
         assert torch.equal(cfg_policy.velocity(x, SIGMAS, a), cached.velocity(x, SIGMAS, b))
     with pytest.raises(KeyError, match="no entry for prompt 'a blue cat'"):
@@ -275,41 +269,23 @@ def test_embedding_cache_rejects_other_models_and_missing_files(tmp_path):
 # ------------------------------------------------------------------------------------------------ building
 
 
-def _trainable(policy):
-    return {n for n, p in policy.named_parameters() if p.requires_grad}
+def _tiny(**kw) -> SD3Policy:
+    return build_policy(ModelConfig(kind="sd3", options={"tiny": True}, **kw), CPU)
 
 
 def test_trainable_parameters_full_and_lora():
-    full = build_policy(ModelConfig(kind="sd3", options={"tiny": True}), CPU)
-    expect = {"transformer." + n for n, _ in full.transformer.named_parameters()}
-    assert _trainable(full) == expect
-    assert {id(p) for p in full.trainable_parameters()} == {id(p) for n, p in full.named_parameters() if n in expect}
-
-    lora = build_policy(ModelConfig(kind="sd3", options={"tiny": True}, lora=LoraConfig(rank=2)), CPU)
-    names = _trainable(lora)
-    assert names and all(n.startswith("transformer.") and ".lora_" in n for n in names)
-    assert len(lora.trainable_parameters()) == len(names)
-    # LoRA B starts at zero: the policy is unchanged
-    x, cond = _latents(full), full.encode(PROMPTS)
-    with torch.no_grad():
-        torch.testing.assert_close(lora.velocity(x, SIGMAS, lora.encode(PROMPTS)), full.velocity(x, SIGMAS, cond))
+    check_full_and_lora_trainables(_tiny, PROMPTS, SIGMAS)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    grads = []
-    for ckpt in (False, True):
-        policy = build_policy(ModelConfig(kind="sd3", options={"tiny": True}, gradient_checkpointing=ckpt), CPU)
-        assert policy.transformer.gradient_checkpointing is ckpt
-        policy.velocity(_latents(policy), SIGMAS, policy.encode(PROMPTS)).square().mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in policy.trainable_parameters()]))
-    torch.testing.assert_close(grads[0], grads[1])
+    check_checkpointing_keeps_gradients(_tiny, PROMPTS, SIGMAS)
 
 
 def test_bfloat16_network_fp32_interfaces():
-    policy = build_policy(ModelConfig(kind="sd3", options={"tiny": True}, dtype="bfloat16"), CPU)
+    policy = _tiny(dtype="bfloat16")
     assert policy.transformer.dtype == torch.bfloat16 and policy.text.text_encoder_3.dtype == torch.bfloat16
     assert policy.vae.dtype == torch.float32
-    x = _latents(policy)
+    x = latents(policy)
     with torch.no_grad():
         v = policy.velocity(x, SIGMAS, policy.encode(PROMPTS))
         pixels = policy.decode(x)
@@ -321,12 +297,7 @@ def test_load_a_saved_model_directory(tmp_path):
     loaded = build_policy(ModelConfig(kind="sd3", path=str(tmp_path / "sd3"), options={"guidance_scale": 4.0}), CPU)
     fresh = build_policy(ModelConfig(kind="sd3", options={"tiny": True, "guidance_scale": 4.0}), CPU)
     assert loaded.latent_shape == (16, 8, 8)  # default side = sample_size * VAE factor = 32
-    a, b = loaded.encode(PROMPTS), fresh.encode(PROMPTS)
-    assert torch.equal(a.prompt_embeds, b.prompt_embeds) and torch.equal(a.pooled, b.pooled)
-    x = _latents(fresh)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.velocity(x, SIGMAS, a), fresh.velocity(x, SIGMAS, b), rtol=0, atol=0)
-        torch.testing.assert_close(loaded.decode(x), fresh.decode(x), rtol=0, atol=0)
+    check_same_policy(loaded, fresh, PROMPTS, SIGMAS)
 
 
 def test_resolution_options(tmp_path):
@@ -363,16 +334,4 @@ def test_bad_options_are_one_line_errors(tmp_path):
 
 
 def test_sampled_transition_reevaluated_has_ratio_exactly_one(cfg_policy):
-    x, cond = _latents(cfg_policy), cfg_policy.encode(PROMPTS)
-    sigma, sigma_next = 0.8, 0.6
-    s = torch.full((3,), sigma)
-    with torch.no_grad():
-        v = cfg_policy.velocity(x, s, cond)
-        x_next, logp_old, _, _ = flow_sde_step(x, v, sigma, sigma_next, eta=0.7, generator=torch.Generator().manual_seed(3))
-    v_new = cfg_policy.velocity(x, s, cond)  # the training-time re-evaluation, with grad
-    _, logp_new, _, _ = flow_sde_step(x, v_new, sigma, sigma_next, eta=0.7, prev=x_next)
-    ratio = torch.exp(logp_new - logp_old)
-    assert torch.equal(ratio.detach(), torch.ones(3))
-    ratio.sum().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in cfg_policy.trainable_parameters())
-    cfg_policy.zero_grad(set_to_none=True)
+    check_resampled_ratio_is_one(cfg_policy, PROMPTS, flow_sde_step, eta=0.7)

@@ -13,9 +13,18 @@ import json
 import pytest
 import torch
 
+from _helpers import (
+    CPU,
+    check_checkpointing_keeps_gradients,
+    check_full_and_lora_trainables,
+    check_resampled_ratio_is_one,
+    check_same_policy,
+    check_timestep_is_1000_sigma,
+    latents,
+)
 from otca.config import ConfigError, LoraConfig, ModelConfig
 from otca.flow import flow_sde_step
-from otca.models._diffusers_common import save_components
+from otca.models._diffusers_common import BuildInputs, save_components
 from otca.models.base import FlowPolicy
 from otca.models.registry import build_policy
 from otca.models.wan import (
@@ -29,7 +38,6 @@ from otca.models.wan import (
 
 torch.set_num_threads(1)
 
-CPU = torch.device("cpu")
 PROMPTS = ["a red cat runs", "waves on a beach", "a dragon folds paper"]
 SIGMAS = torch.tensor([1.0, 0.6, 0.2])
 TEXT_TOKENS = 24  # short UMT5 sequences keep the tests fast
@@ -37,7 +45,7 @@ TEXT_TOKENS = 24  # short UMT5 sequences keep the tests fast
 
 def _policy(guidance_scale: float, seed: int = 0, **opts) -> WanPolicy:
     options = WanOptions(tiny=True, guidance_scale=guidance_scale, max_sequence_length=TEXT_TOKENS, **opts)
-    return wan_policy_from_components(tiny_wan_components(seed), options, torch.float32, torch.float32)
+    return wan_policy_from_components(BuildInputs(options, tiny_wan_components(seed)))
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -56,16 +64,12 @@ def plain_policy() -> WanPolicy:
     return _policy(1.0)
 
 
-def _latents(policy, n=3, seed=0):
-    return policy.init_latents(n, torch.Generator().manual_seed(seed))
-
-
 # ------------------------------------------------------------------------------------------------ protocol
 
 
 def test_velocity_shape_equals_latent_shape(cfg_policy):
     assert isinstance(cfg_policy, FlowPolicy)
-    x = _latents(cfg_policy)
+    x = latents(cfg_policy)
     # [B, z_dim, 1 + (5 - 1) / 4, 32 / 8, 32 / 8]
     assert x.shape == (3, 16, 2, 4, 4) and x.dtype == torch.float32
     v = cfg_policy.velocity(x, SIGMAS, cfg_policy.encode(PROMPTS))
@@ -73,17 +77,7 @@ def test_velocity_shape_equals_latent_shape(cfg_policy):
 
 
 def test_velocity_feeds_the_transformer_1000_sigma(plain_policy):
-    x, cond = _latents(plain_policy), plain_policy.encode(PROMPTS)
-
-    def direct(t):
-        return plain_policy.transformer(
-            hidden_states=x, timestep=t, encoder_hidden_states=cond.prompt_embeds, return_dict=False
-        )[0]
-
-    with torch.no_grad():
-        v = plain_policy.velocity(x, SIGMAS, cond)
-        torch.testing.assert_close(v, direct(SIGMAS * 1000), rtol=0, atol=0)
-        assert not torch.allclose(v, direct(SIGMAS), atol=1e-3)
+    check_timestep_is_1000_sigma(plain_policy, PROMPTS, SIGMAS)
 
 
 def test_decode_is_the_vae_inverse_of_wan_latent_normalization(plain_policy):
@@ -113,7 +107,7 @@ def test_clean_prompt():
 def test_text_padding_is_zero_and_matches_the_encoder(cfg_policy):
     text = cfg_policy.text
     emb = cfg_policy.embed_prompts(PROMPTS)["prompt_embeds"]  # [3, 24, 32]
-    tok = text.tokenizer(PROMPTS, padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt")
+    tok = text.tokenizers[0](PROMPTS, padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt")
     n = tok.attention_mask.sum(1)  # tokens per prompt, eos included
     assert emb.shape == (3, TEXT_TOKENS, 32) and (n < TEXT_TOKENS).all()
     with torch.no_grad():
@@ -135,7 +129,7 @@ def test_frozen_parts_stay_in_eval(cfg_policy):
 
 
 def test_cfg_is_v_neg_plus_scale_times_difference(cfg_policy, plain_policy):
-    x, cond = _latents(cfg_policy), cfg_policy.encode(PROMPTS)
+    x, cond = latents(cfg_policy), cfg_policy.encode(PROMPTS)
     assert plain_policy.encode(PROMPTS).negative() is None
     with torch.no_grad():
         v = cfg_policy.velocity(x, SIGMAS, cond)
@@ -148,7 +142,7 @@ def test_cfg_is_v_neg_plus_scale_times_difference(cfg_policy, plain_policy):
 
 
 def test_cond_slicing(cfg_policy):
-    x, cond = _latents(cfg_policy), cfg_policy.encode(PROMPTS)
+    x, cond = latents(cfg_policy), cfg_policy.encode(PROMPTS)
     sub = cond[[2, 1]]
     assert torch.equal(sub.prompt_embeds, cond.prompt_embeds[[2, 1]]) and len(cond[0]) == 1
     with torch.no_grad():
@@ -181,9 +175,9 @@ def test_two_experts_route_by_boundary_with_their_own_guidance():
     """Wan2.2-A14B: t >= boundary * 1000 -> transformer (scale 5), below -> transformer_2 (scale 3)."""
     parts = _two_expert_parts()
     opts = WanOptions(tiny=True, guidance_scale=5.0, guidance_scale_2=3.0, max_sequence_length=TEXT_TOKENS)
-    moe = wan_policy_from_components(parts, opts, torch.float32, torch.float32, boundary_ratio=0.5)
+    moe = wan_policy_from_components(BuildInputs(opts, parts), boundary_ratio=0.5)
     high, low = _policy(5.0, seed=0), _policy(3.0, seed=1)
-    x, cond = _latents(moe), moe.encode(PROMPTS)
+    x, cond = latents(moe), moe.encode(PROMPTS)
     sigmas = torch.tensor([0.9, 0.3, 0.5])  # 0.5 * 1000 sits on the boundary: the high-noise expert
     with torch.no_grad():
         v = moe.velocity(x, sigmas, cond)
@@ -216,38 +210,22 @@ def test_guidance_scale_2_needs_two_experts():
 # ------------------------------------------------------------------------------------------------ building
 
 
+def _tiny(**kw) -> WanPolicy:
+    return build_policy(_cfg(options={"tiny": True}, **kw), CPU)
+
+
 def test_trainable_parameters_full_and_lora():
-    full = build_policy(_cfg(options={"tiny": True}), CPU)
-    expect = {"transformer." + n for n, _ in full.transformer.named_parameters()}
-    assert {n for n, p in full.named_parameters() if p.requires_grad} == expect
-    lora = build_policy(_cfg(options={"tiny": True}, lora=LoraConfig(rank=2)), CPU)
-    names = {n for n, p in lora.named_parameters() if p.requires_grad}
-    assert names and all(n.startswith("transformer.") and ".lora_" in n for n in names)
-    assert len(lora.trainable_parameters()) == len(names)
-    x = _latents(full)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            lora.velocity(x, SIGMAS, lora.encode(PROMPTS)), full.velocity(x, SIGMAS, full.encode(PROMPTS))
-        )
+    check_full_and_lora_trainables(_tiny, PROMPTS, SIGMAS)
 
 
-def test_gradient_checkpointing_flag():
-    policy = build_policy(_cfg(options={"tiny": True}, gradient_checkpointing=True), CPU)
-    assert policy.transformer.gradient_checkpointing
-    policy.velocity(_latents(policy), SIGMAS, policy.encode(PROMPTS)).square().mean().backward()
-    assert all(p.grad is not None for p in policy.trainable_parameters())
+def test_gradient_checkpointing_gives_the_same_gradients():
+    check_checkpointing_keeps_gradients(_tiny, PROMPTS, SIGMAS)
 
 
 def test_load_a_saved_model_directory(tmp_path):
     root = save_components(tiny_wan_components(0), tmp_path / "wan")
     loaded = build_policy(_cfg(path=str(root), options={"height": 32, "width": 32, "num_frames": 5}), CPU)
-    fresh = build_policy(_cfg(options={"tiny": True}), CPU)
-    a, b = loaded.encode(PROMPTS), fresh.encode(PROMPTS)
-    assert torch.equal(a.prompt_embeds, b.prompt_embeds)
-    x = _latents(fresh)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.velocity(x, SIGMAS, a), fresh.velocity(x, SIGMAS, b), rtol=0, atol=0)
-        torch.testing.assert_close(loaded.decode(x), fresh.decode(x), rtol=0, atol=0)
+    check_same_policy(loaded, _tiny(), PROMPTS, SIGMAS)
     # without size options a real directory gets WanPipeline's 480x832x81 video
     assert build_policy(_cfg(path=str(root)), CPU).latent_shape == (16, 21, 60, 104)
 
@@ -277,15 +255,4 @@ def test_missing_path_and_folder_are_one_line_errors(tmp_path):
 
 
 def test_sampled_transition_reevaluated_has_ratio_exactly_one(cfg_policy):
-    x, cond = _latents(cfg_policy), cfg_policy.encode(PROMPTS)
-    sigma, sigma_next = 0.8, 0.6
-    s = torch.full((3,), sigma)
-    with torch.no_grad():
-        v = cfg_policy.velocity(x, s, cond)
-        x_next, logp_old, _, _ = flow_sde_step(x, v, sigma, sigma_next, eta=0.8, generator=torch.Generator().manual_seed(3))
-    _, logp_new, _, _ = flow_sde_step(x, cfg_policy.velocity(x, s, cond), sigma, sigma_next, eta=0.8, prev=x_next)
-    ratio = torch.exp(logp_new - logp_old)
-    assert torch.equal(ratio.detach(), torch.ones(3))
-    ratio.sum().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in cfg_policy.trainable_parameters())
-    cfg_policy.zero_grad(set_to_none=True)
+    check_resampled_ratio_is_one(cfg_policy, PROMPTS, flow_sde_step, eta=0.8)

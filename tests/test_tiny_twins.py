@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _helpers import CPU, latents
 from otca.config import ModelConfig
 from otca.models.base import FlowPolicy
 from otca.models.registry import build_policy
@@ -20,7 +21,6 @@ from otca.rewards.registry import build_reward
 
 torch.set_num_threads(1)
 
-CPU = torch.device("cpu")
 PROMPTS = ["a cat", "A dog on a cat!", "a photo of a tree", ""]
 IMAGE_REWARDS = ("clip-t", "pickscore", "laion-aesthetic", "hpsv2.1", "imagereward")
 VIDEO_REWARDS = ("videoalign-vq", "videoalign-mq", "videoalign-ta")
@@ -164,7 +164,7 @@ def test_video_to_an_image_reward_without_frames_is_still_an_error():
 def test_tiny_generator_twins_are_flow_policies(kind, options, latent, pixels):
     policy = build_policy(ModelConfig(kind=kind, options={"tiny": True, "max_sequence_length": 8, **options}), CPU)
     assert isinstance(policy, FlowPolicy)
-    x = policy.init_latents(2, torch.Generator().manual_seed(0))
+    x = latents(policy, 2)
     assert x.shape == (2, *latent)
     with torch.no_grad():
         v = policy.velocity(x, torch.tensor([1.0, 0.5]), policy.encode(PROMPTS[:2]))

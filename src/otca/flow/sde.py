@@ -23,6 +23,7 @@ Flow-SDE (Flow-GRPO) ``g = eta * sqrt(sigma / (1 - sigma))``; Dance-SDE (DanceGR
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -128,113 +129,80 @@ def _sde_mean_std(
     return mean, g * torch.sqrt(-dt)  # [B, *latent], [B, 1, ..., 1]
 
 
-def _sde_step(
-    g_of: NoiseScale,
-    x: torch.Tensor,
-    v: torch.Tensor,
-    sigma: Sigma,
-    sigma_next: Sigma,
-    *,
-    eta: float,
-    noise: torch.Tensor | None,
-    prev: torch.Tensor | None,
-    reduce: str,
-    generator: torch.Generator | None,
-    sigma_max: Sigma | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The shared body of every SDE transition; ``g_of(sigma, sigma_max, eta) -> g [B, 1, ..., 1]`` is the
-    only part that differs between them."""
-    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta: expected a finite number >= 0, got {eta!r}")
-    _require_same_shape(v, x, "v")
-    _require_same_shape(noise, x, "noise")
-    _require_same_shape(prev, x, "prev")
-    s = _column(sigma, x, "sigma")  # [B, 1, ..., 1]
-    s_next = _column(sigma_next, x, "sigma_next")  # [B, 1, ..., 1]
-    # Flow-GRPO's choice at sigma = 1 is sigmas[1], which is sigma_next on the first step.
-    s_max = s_next if sigma_max is None else _column(sigma_max, x, "sigma_max")  # [B, 1, ..., 1]
-    ok = ((0 <= s_next) & (s_next < s) & (s <= 1) & (0 <= s_max) & (s_max < 1)).flatten()  # [B]
-    if not bool(ok.all()):
-        i = int((~ok).nonzero()[0])
-        raise ValueError(
-            f"sigma, sigma_next, sigma_max: expected 0 <= sigma_next < sigma <= 1 and 0 <= sigma_max < 1, got "
-            f"sigma={s.flatten()[i].item()}, sigma_next={s_next.flatten()[i].item()}, "
-            f"sigma_max={s_max.flatten()[i].item()} at sample {i}"
-        )
-    mean, std = _sde_mean_std(x.float(), v.float(), s, s_next, g_of(s, s_max, float(eta)))
-    if prev is None:
-        if noise is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        # Cast before scoring: the density must be that of the state actually stored, so that re-evaluating
-        # it later with the same parameters gives a ratio of exactly 1.
-        prev = (mean + std * noise.float()).to(x.dtype)  # [B, *latent]
-    # The action is a constant of the policy gradient: only mean and std carry gradient.
-    log_prob = gaussian_log_prob(prev.detach(), mean, std, reduce)  # [B]
-    return prev, log_prob, mean, std
+@dataclass(frozen=True)
+class SdeTransition:
+    """The Euler-Maruyama step of the reverse SDE (Eq. 4) with the Eq. 5 score (module docstring), a
+    :class:`Transition`; ``noise_scale(sigma, sigma_max, eta) -> g [B, 1, ..., 1]`` is the only part that differs
+    between Flow-SDE and Dance-SDE. ``eta = 0`` is the Euler ODE step (std 0, log_prob NaN: use :func:`ode_step`
+    for deterministic steps)."""
+
+    noise_scale: NoiseScale
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        v: torch.Tensor,
+        sigma: Sigma,
+        sigma_next: Sigma,
+        *,
+        eta: float,
+        noise: torch.Tensor | None = None,
+        prev: torch.Tensor | None = None,
+        reduce: str = "mean",
+        generator: torch.Generator | None = None,
+        sigma_max: Sigma | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta: expected a finite number >= 0, got {eta!r}")
+        _require_same_shape(v, x, "v")
+        _require_same_shape(noise, x, "noise")
+        _require_same_shape(prev, x, "prev")
+        s = _column(sigma, x, "sigma")  # [B, 1, ..., 1]
+        s_next = _column(sigma_next, x, "sigma_next")  # [B, 1, ..., 1]
+        # Flow-GRPO's choice at sigma = 1 is sigmas[1], which is sigma_next on the first step.
+        s_max = s_next if sigma_max is None else _column(sigma_max, x, "sigma_max")  # [B, 1, ..., 1]
+        ok = ((0 <= s_next) & (s_next < s) & (s <= 1) & (0 <= s_max) & (s_max < 1)).flatten()  # [B]
+        if not bool(ok.all()):
+            i = int((~ok).nonzero()[0])
+            raise ValueError(
+                f"sigma, sigma_next, sigma_max: expected 0 <= sigma_next < sigma <= 1 and 0 <= sigma_max < 1, got "
+                f"sigma={s.flatten()[i].item()}, sigma_next={s_next.flatten()[i].item()}, "
+                f"sigma_max={s_max.flatten()[i].item()} at sample {i}"
+            )
+        mean, std = _sde_mean_std(x.float(), v.float(), s, s_next, self.noise_scale(s, s_max, float(eta)))
+        if prev is None:
+            if noise is None:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            # Cast before scoring: the density must be that of the state actually stored, so that re-evaluating
+            # it later with the same parameters gives a ratio of exactly 1.
+            prev = (mean + std * noise.float()).to(x.dtype)  # [B, *latent]
+        # The action is a constant of the policy gradient: only mean and std carry gradient.
+        log_prob = gaussian_log_prob(prev.detach(), mean, std, reduce)  # [B]
+        return prev, log_prob, mean, std
 
 
 def flow_noise_scale(sigma: torch.Tensor, sigma_max: torch.Tensor, eta: float) -> torch.Tensor:
     """Flow-GRPO's ``g = eta * sqrt(sigma / (1 - sigma))``, elementwise; where ``sigma == 1`` the denominator
-    uses ``sigma_max`` instead (``sd3_sde_with_logprob.py``), which keeps the first step finite."""
+    uses ``sigma_max`` instead (``sd3_sde_with_logprob.py``), which keeps the first step finite.
+
+    In :data:`flow_sde_step` (Flow-SDE) ``std = g * sqrt(sigma - sigma_next)``, and ``sigma_max`` defaults to
+    ``sigma_next``: on the first step of a schedule that is ``sigmas[1]``, Flow-GRPO's value, so the first step
+    has ``std = eta`` exactly."""
     return eta * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma)))
 
 
 def dance_noise_scale(sigma: torch.Tensor, sigma_max: torch.Tensor, eta: float) -> torch.Tensor:
-    """DanceGRPO's constant ``g = eta``, shaped like ``sigma`` (``flux_step``); it has no singularity at sigma 1."""
+    """DanceGRPO's constant ``g = eta``, shaped like ``sigma`` (``flux_step``); it has no singularity at sigma 1.
+
+    :data:`dance_sde_step` (Dance-SDE) is DanceGRPO's ``mean = x + dsigma * v - 0.5 * eta^2 * score * dsigma``
+    with ``score = -(x - (1 - sigma) x0_hat) / sigma^2``, ``std = eta * sqrt(sigma - sigma_next)``: the module's
+    SDE with this ``g``. Its ``sigma_max`` is accepted for the shared signature and only validated."""
     return torch.full_like(sigma, eta)
 
 
-@TRANSITIONS.register("flow-sde")
-def flow_sde_step(
-    x: torch.Tensor,
-    v: torch.Tensor,
-    sigma: Sigma,
-    sigma_next: Sigma,
-    *,
-    eta: float,
-    noise: torch.Tensor | None = None,
-    prev: torch.Tensor | None = None,
-    reduce: str = "mean",
-    generator: torch.Generator | None = None,
-    sigma_max: Sigma | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flow-GRPO's SDE step (Flow-SDE, :class:`Transition` contract; derivation in the module docstring).
-
-    ``g = eta * sqrt(sigma / (1 - sigma))``, ``std = g * sqrt(sigma - sigma_next)``. At ``sigma == 1`` the
-    denominator uses ``sigma_max`` (default ``sigma_next``: on the first step of a schedule that is
-    ``sigmas[1]``, Flow-GRPO's value), so the first step has ``std = eta`` exactly. ``eta = 0`` is the Euler
-    ODE step (std 0, log_prob NaN: use :func:`ode_step` for deterministic steps).
-    """
-    return _sde_step(
-        flow_noise_scale, x, v, sigma, sigma_next, eta=eta, noise=noise, prev=prev, reduce=reduce,
-        generator=generator, sigma_max=sigma_max,
-    )
-
-
-@TRANSITIONS.register("dance-sde")
-def dance_sde_step(
-    x: torch.Tensor,
-    v: torch.Tensor,
-    sigma: Sigma,
-    sigma_next: Sigma,
-    *,
-    eta: float,
-    noise: torch.Tensor | None = None,
-    prev: torch.Tensor | None = None,
-    reduce: str = "mean",
-    generator: torch.Generator | None = None,
-    sigma_max: Sigma | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DanceGRPO's SDE step (Dance-SDE, ``flux_step``; :class:`Transition` contract).
-
-    ``mean = x + dsigma * v - 0.5 * eta^2 * score * dsigma`` with ``score = -(x - (1 - sigma) x0_hat) / sigma^2``,
-    ``std = eta * sqrt(sigma - sigma_next)``: the module's SDE with constant ``g = eta``. ``sigma_max`` is
-    accepted for the shared signature and only validated.
-    """
-    return _sde_step(
-        dance_noise_scale, x, v, sigma, sigma_next, eta=eta, noise=noise, prev=prev, reduce=reduce,
-        generator=generator, sigma_max=sigma_max,
-    )
+# Flow-GRPO's SDE step (Flow-SDE) and DanceGRPO's (Dance-SDE, ``flux_step``).
+flow_sde_step = TRANSITIONS.register("flow-sde")(SdeTransition(flow_noise_scale))
+dance_sde_step = TRANSITIONS.register("dance-sde")(SdeTransition(dance_noise_scale))
 
 
 def get_transition(name: str) -> Transition:

@@ -1,6 +1,7 @@
 """What the diffusers-backed adapters (FLUX.1, SD3, Wan) share: local-directory checks, typed options, the
-sliceable conditioning, the precomputed prompt-embedding cache, classifier-free guidance, the scaled-latent VAE
-conventions, and tiny offline tokenizers.
+build sequence of a ``model.kind`` (options, weights or tiny twin, text encoders or embedding cache, LoRA and
+checkpointing, device), the sliceable conditioning, the precomputed prompt-embedding cache, classifier-free
+guidance, the scaled-latent VAE conventions, and tiny offline text encoders and tokenizers.
 
 Heavy libraries (diffusers, transformers, safetensors) are imported inside the functions that need them.
 """
@@ -11,10 +12,10 @@ import dataclasses
 import json
 import string
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Literal, Sequence, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
     from otca.config import ModelConfig
@@ -26,6 +27,7 @@ TIMESTEP_SCALE = 1000.0
 EMBEDDINGS_FORMAT = "otca-prompt-embeddings"
 
 O = TypeVar("O", bound=BaseModel)
+P = TypeVar("P", bound="DiffusersPolicy")
 
 
 # ------------------------------------------------------------------------------------------- options and paths
@@ -35,6 +37,33 @@ class AdapterOptions(BaseModel):
     """Base of every adapter's ``model.options`` schema: unknown keys are errors, every field is documented."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class DiffusersOptions(AdapterOptions):
+    """The ``model.options`` every diffusers adapter takes; an adapter's schema adds its guidance and text length
+    and documents its default size under ``resolution``."""
+
+    tiny: bool = False
+    """Build random tiny weights in-process (no files); model.path must then be unset."""
+    seed: int = 0
+    """Seed of the tiny random weights (the global RNG is left untouched)."""
+    negative_prompt: str = ""
+    """The unconditional prompt of classifier-free guidance."""
+    resolution: int | None = Field(None, gt=0)
+    """Square image (frame) side in pixels; default: the model's."""
+    height: int | None = Field(None, gt=0)
+    """Image (frame) height in pixels (overrides resolution)."""
+    width: int | None = Field(None, gt=0)
+    """Image (frame) width in pixels (overrides resolution)."""
+    embeddings: str | None = None
+    """Precomputed prompt embeddings (a file of the policy's save_prompt_embeddings); the text encoders are not
+    loaded."""
+    vae_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the VAE (decoding only)."""
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        """``(height, width)`` in pixels: each given side, else ``resolution``, else the default passed in."""
+        return self.height or self.resolution or height, self.width or self.resolution or width
 
 
 def parse_options(schema: type[O], options: dict[str, Any]) -> O:
@@ -119,6 +148,94 @@ def tiny_and_path_exclusive(cfg: "ModelConfig", tiny: bool) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------------------- building
+
+
+D = TypeVar("D", bound=DiffusersOptions)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildInputs(Generic[D]):
+    """What an adapter assembles its policy from: the validated options and the components by diffusers
+    sub-folder name, with how the build read them (:func:`build_diffusers_policy`; tests build it directly)."""
+
+    opts: D
+    parts: dict[str, Any]
+    dtype: torch.dtype = torch.float32  # cfg.dtype: the denoisers and text encoders
+    vae_dtype: torch.dtype = torch.float32
+    root: Path | None = None  # the model directory; None for tiny random weights
+    cache: PromptEmbeddingCache | None = None  # None: the text encoders are in parts
+
+    def text(self, encoder_cls: type[FrozenTextEncoders], max_sequence_length: int) -> TextFn:
+        """The policy's prompt-embedding function: the cache when given, else ``encoder_cls`` on its
+        ``text_parts`` of ``parts`` (the encoders cast to ``dtype``)."""
+        if self.cache is not None:
+            return self.cache
+        encoders = [cast_module(self.parts[k], self.dtype) for k in encoder_cls.text_parts[0::2]]
+        tokenizers = [self.parts[k] for k in encoder_cls.text_parts[1::2]]
+        return encoder_cls(encoders, tokenizers, max_sequence_length=max_sequence_length)
+
+
+def build_diffusers_policy(
+    cfg: "ModelConfig",
+    device: torch.device,
+    policy_cls: type[DiffusersPolicy],
+    schema: type[D],
+    tiny: Callable[..., dict[str, Any]],
+    assemble: Callable[[BuildInputs[D]], P],
+) -> P:
+    """Every diffusers ``model.kind`` builder: ``cfg.options`` parsed with ``schema``; the parts from
+    ``tiny(seed, text=...)`` or ``policy_cls.load_components`` at ``cfg.path``, text encoders only without an
+    embedding cache (written for ``policy_cls.kind`` with the fields of ``policy_cls.cond_type``); the policy
+    from ``assemble``; ``cfg.gradient_checkpointing`` and ``cfg.lora`` on its denoisers
+    (:func:`prepare_denoisers`); the policy on ``device``."""
+    opts = parse_options(schema, cfg.options)
+    tiny_and_path_exclusive(cfg, opts.tiny)
+    dtype, vae_dtype = getattr(torch, cfg.dtype), getattr(torch, opts.vae_dtype)
+    root = None if opts.tiny else model_dir(cfg)
+    # The cache is read before the weights: a bad file fails before gigabytes load.
+    cache = None
+    if opts.embeddings is not None:
+        cache = PromptEmbeddingCache(opts.embeddings, policy_cls.kind, policy_cls.cond_type.field_names())
+    if root is None:
+        parts = tiny(opts.seed, text=cache is None)
+    else:
+        parts = policy_cls.load_components(root, text=cache is None, dtype=dtype, vae_dtype=vae_dtype)
+    policy = assemble(BuildInputs(opts, parts, dtype, vae_dtype, root, cache))
+    prepare_denoisers(policy.denoisers(), cfg)
+    return policy.to(device)
+
+
+class FrozenTextEncoders(torch.nn.Module):
+    """A pipeline's frozen text encoders with their tokenizers; a subclass's ``forward`` maps prompts to the
+    embeddings ``{field: [B, ...]}``.
+
+    ``text_parts`` (set by the subclass) names the pipeline folders ``(encoder, tokenizer, encoder_2, ...)``; the
+    i-th encoder becomes the submodule of its folder's name (so state-dict keys follow the folders), its tokenizer
+    ``tokenizers[i]``. ``max_sequence_length`` is the token count of the long (T5-family) encoder.
+    """
+
+    text_parts: tuple[str, ...]
+
+    def __init__(self, encoders: Sequence[torch.nn.Module], tokenizers: Sequence[Any], *, max_sequence_length: int):
+        super().__init__()
+        names = self.text_parts[0::2]
+        if not len(encoders) == len(tokenizers) == len(names):
+            raise ValueError(
+                f"{type(self).__name__}: expected {len(names)} encoders and tokenizers ({', '.join(names)}), "
+                f"got {len(encoders)} and {len(tokenizers)}"
+            )
+        for name, encoder in zip(names, encoders):
+            self.add_module(name, freeze(encoder))
+        self.tokenizers = tuple(tokenizers)
+        self.max_sequence_length = max_sequence_length
+
+    @staticmethod
+    def _device(encoder: torch.nn.Module) -> torch.device:
+        """Where ``encoder``'s inputs go."""
+        return next(encoder.parameters()).device
+
+
 def save_components(components: dict[str, Any], out_dir: str | Path) -> Path:
     """Write each component (a diffusers/transformers model or tokenizer) to ``out_dir/<name>`` with
     ``save_pretrained``: the directory layout the adapters' loaders read."""
@@ -148,8 +265,8 @@ class BatchedCond:
         sizes = {f: len(t) for f, t in self._tensors().items()}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"{name}: every field must have the same batch size, got {sizes}")
-        neg = [f for f in self._positive_names() if getattr(self, "neg_" + f) is not None]
-        if neg and len(neg) != len(self._positive_names()):
+        neg = [f for f in self.field_names() if getattr(self, "neg_" + f) is not None]
+        if neg and len(neg) != len(self.field_names()):
             raise ValueError(f"{name}: the negative fields must be given all together, got only {neg}")
         for f in neg:
             pos, negt = getattr(self, f), getattr(self, "neg_" + f)
@@ -159,7 +276,8 @@ class BatchedCond:
                 )
 
     @classmethod
-    def _positive_names(cls) -> list[str]:
+    def field_names(cls) -> list[str]:
+        """The positive (prompt) field names: the fields of a text encoder's output and of an embedding cache."""
         return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("neg_")]
 
     @classmethod
@@ -173,13 +291,13 @@ class BatchedCond:
 
     def positive(self) -> dict[str, torch.Tensor]:
         """The prompt embeddings by field name."""
-        return {f: getattr(self, f) for f in self._positive_names()}
+        return {f: getattr(self, f) for f in self.field_names()}
 
     def negative(self) -> dict[str, torch.Tensor] | None:
         """The negative-prompt embeddings by (positive) field name, or None without CFG."""
-        if getattr(self, "neg_" + self._positive_names()[0]) is None:
+        if getattr(self, "neg_" + self.field_names()[0]) is None:
             return None
-        return {f: getattr(self, "neg_" + f) for f in self._positive_names()}
+        return {f: getattr(self, "neg_" + f) for f in self.field_names()}
 
     def __len__(self) -> int:
         return len(next(iter(self._tensors().values())))
@@ -304,6 +422,14 @@ def vae_to_unit(decoded: torch.Tensor) -> torch.Tensor:
     return (decoded.float() / 2 + 0.5).clamp(0, 1)
 
 
+def check_pixel_size(height: int, width: int, multiple_h: int, multiple_w: int) -> None:
+    """A one-line error unless ``height`` and ``width`` are positive multiples of ``multiple_h`` and
+    ``multiple_w`` (the VAE's downsampling times the transformer's patch, per axis)."""
+    if height <= 0 or width <= 0 or height % multiple_h or width % multiple_w:
+        multiples = f"{multiple_h}" if multiple_h == multiple_w else f"{multiple_h} and {multiple_w}"
+        raise ValueError(f"model.options height/width: expected positive multiples of {multiples}, got {height}x{width}")
+
+
 def vae_scale_factor(vae: torch.nn.Module) -> int:
     """Spatial downsampling of an ``AutoencoderKL``: 2 per down block after the first (the pipelines'
     ``vae_scale_factor``, 8 for the SD3 and FLUX.1 VAEs)."""
@@ -360,6 +486,33 @@ class DiffusersPolicy(torch.nn.Module):
 
     kind: str  # the registered model kind, recorded in embedding caches
     cond_type: type[BatchedCond]
+    # The pipeline sub-folders of the text encoders and their tokenizers: (encoder, tokenizer, encoder_2, ...).
+    text_parts: tuple[str, ...]
+
+    @staticmethod
+    def pipeline_classes() -> tuple[Any, Any, tuple[Any, ...]]:
+        """The classes that load the ``transformer`` and ``vae`` folders and each text encoder of
+        ``text_parts`` (imported when called: diffusers and transformers are heavy)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_components(cls, root: Path, *, text: bool, dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
+        """The parts of a local pipeline directory (no network) by sub-folder name: ``transformer`` in ``dtype``,
+        ``vae`` in ``vae_dtype`` and, only if ``text``, the text encoders (in ``dtype``) and tokenizers."""
+        names = ("transformer", "vae", *(cls.text_parts if text else ()))
+        folders = {n: subfolder(root, n, cls.kind) for n in names}  # every folder checked before anything loads
+        transformer_cls, vae_cls, text_classes = cls.pipeline_classes()
+        parts: dict[str, Any] = {
+            "transformer": transformer_cls.from_pretrained(folders["transformer"], torch_dtype=dtype),
+            "vae": vae_cls.from_pretrained(folders["vae"], torch_dtype=vae_dtype),
+        }
+        if text:
+            from transformers import AutoTokenizer
+
+            for enc_cls, enc, tok in zip(text_classes, cls.text_parts[0::2], cls.text_parts[1::2], strict=True):
+                parts[enc] = enc_cls.from_pretrained(folders[enc], dtype=dtype, local_files_only=True)
+                parts[tok] = AutoTokenizer.from_pretrained(folders[tok], local_files_only=True)
+        return parts
 
     def __init__(self, text: TextFn, *, latent_shape: Sequence[int], cfg_on: bool, negative_prompt: str):
         super().__init__()
@@ -380,6 +533,16 @@ class DiffusersPolicy(torch.nn.Module):
 
     def _param(self) -> torch.nn.Parameter:
         return next(self.transformer.parameters())
+
+    def denoisers(self) -> list[torch.nn.Module]:
+        """The trained networks (LoRA and gradient checkpointing go on these): the transformer."""
+        return [self.transformer]
+
+    @staticmethod
+    def _check_batch(cond: BatchedCond, b: int) -> None:
+        """``velocity``'s guard: one prompt per latent."""
+        if len(cond) != b:
+            raise ValueError(f"velocity: cond has {len(cond)} prompts for a batch of {b} latents")
 
     def embed_prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Text embeddings ``{field: [B, ...]}`` of ``prompts`` on the model's device (no gradient: frozen)."""
@@ -413,7 +576,7 @@ class DiffusersPolicy(torch.nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-# ------------------------------------------------------------------------------------- tiny offline tokenizers
+# ------------------------------------------------------------------------ tiny offline parts and tokenizers
 
 
 def byte_alphabet() -> list[str]:
@@ -438,6 +601,50 @@ def tiny_clip_tokenizer(max_length: int = 77):
         vocab[s] = len(vocab)
         vocab[s + "</w>"] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def tiny_autoencoder_kl(
+    block_out_channels: Sequence[int], *, sample_size: int, scaling_factor: float, shift_factor: float
+) -> torch.nn.Module:
+    """A random ``AutoencoderKL`` of the SD3 / FLUX.1 VAE layout at small width: RGB in and out, 16 latent
+    channels, one down and one up block of one layer per entry of ``block_out_channels`` (2x downsampling after
+    each but the last), no quant convs, the family's ``scaling_factor`` and ``shift_factor``; the global RNG
+    draws it."""
+    from diffusers import AutoencoderKL
+
+    n = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(block_out_channels), layers_per_block=1,
+        latent_channels=16, norm_num_groups=4, sample_size=sample_size, scaling_factor=scaling_factor,
+        shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def tiny_clip_text_model(model_cls: Any, tokenizer: Any, width: int) -> torch.nn.Module:
+    """A random two-layer CLIP text tower ``model_cls`` (``CLIPTextModel`` or ``CLIPTextModelWithProjection``) of
+    ``width`` over a :func:`tiny_clip_tokenizer` (its ids: 0 start, 1 end and pad); the global RNG draws it."""
+    from transformers import CLIPTextConfig
+
+    return model_cls(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, projection_dim=width,
+            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        )
+    )
+
+
+def tiny_t5_encoder(model_cls: Any, config_cls: Any, tokenizer: Any, **sizes: Any) -> torch.nn.Module:
+    """A random one-layer (UM)T5 encoder ``model_cls(config_cls(...))`` over ``tokenizer``'s vocabulary: 8-dim
+    heads, d_ff 64, 8 position buckets, no dropout, plus ``sizes`` (d_model, num_heads, ...); the global RNG
+    draws it."""
+    return model_cls(
+        config_cls(
+            vocab_size=len(tokenizer), d_kv=8, d_ff=64, num_layers=1, relative_attention_num_buckets=8,
+            dropout_rate=0.0, **sizes,
+        )
+    )
 
 
 def tiny_t5_tokenizer(max_length: int = 512):

@@ -18,30 +18,30 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from pydantic import Field
 
 from otca.models._diffusers_common import (
-    AdapterOptions,
     BatchedCond,
+    BuildInputs,
+    DiffusersOptions,
     DiffusersPolicy,
-    PromptEmbeddingCache,
+    FrozenTextEncoders,
     TextFn,
+    build_diffusers_policy,
     cast_module,
+    check_pixel_size,
     decode_scaled_latents,
     encode_scaled_latents,
     freeze,
     frozen_vae,
     guided_forward,
-    model_dir,
-    parse_options,
-    prepare_denoisers,
-    subfolder,
-    tiny_and_path_exclusive,
+    tiny_autoencoder_kl,
+    tiny_clip_text_model,
     tiny_clip_tokenizer,
+    tiny_t5_encoder,
     tiny_t5_tokenizer,
     vae_scale_factor,
 )
@@ -59,7 +59,6 @@ FLUX_SIDE = 1024
 TINY_FLUX_SIDE = 64
 # The sub-folders of a FluxPipeline directory that the adapter reads, text encoders last.
 FLUX_TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-FLUX_EMBEDDING_FIELDS = ("prompt_embeds", "pooled")
 
 
 class LatentCodec(Protocol):
@@ -132,6 +131,14 @@ class FluxPolicy(DiffusersPolicy):
 
     kind = "flux"
     cond_type = FluxCond
+    text_parts = FLUX_TEXT_PARTS
+
+    @staticmethod
+    def pipeline_classes() -> tuple[Any, Any, tuple[Any, ...]]:
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+        from transformers import CLIPTextModel, T5EncoderModel
+
+        return FluxTransformer2DModel, AutoencoderKL, (CLIPTextModel, T5EncoderModel)
 
     def __init__(
         self,
@@ -189,8 +196,7 @@ class FluxPolicy(DiffusersPolicy):
         With true CFG: ``v = v_neg + s (v_cond - v_neg)`` (Ho & Salimans 2022, Eq. 6), combined in fp32.
         """
         b, _, h, w = x.shape
-        if len(cond) != b:
-            raise ValueError(f"velocity: cond has {len(cond)} prompts for a batch of {b} latents")
+        self._check_batch(cond, b)
         p = self._param()
         tokens = pack_latents(x).to(p.dtype)  # [B, S, 4C]
         t = sigma.to(device=x.device, dtype=torch.float32).reshape(-1).expand(b)  # [B]
@@ -206,7 +212,7 @@ class FluxPolicy(DiffusersPolicy):
 # ------------------------------------------------------------------------------------ FLUX.1 text and VAE
 
 
-class FluxTextEncoder(torch.nn.Module):
+class FluxTextEncoder(FrozenTextEncoders):
     """The two frozen FLUX.1 text encoders: ``prompts -> {"prompt_embeds": [B, L, D], "pooled": [B, P]}``.
 
     ``pooled``: CLIP-L's ``pooler_output`` (the final-norm state at the end-of-text token) of the prompt padded
@@ -214,25 +220,12 @@ class FluxTextEncoder(torch.nn.Module):
     padding included and no attention mask (FluxPipeline ``_get_clip_prompt_embeds`` / ``_get_t5_prompt_embeds``).
     """
 
-    def __init__(
-        self,
-        text_encoder: torch.nn.Module,
-        tokenizer: Any,
-        text_encoder_2: torch.nn.Module,
-        tokenizer_2: Any,
-        max_sequence_length: int = FLUX_T5_TOKENS,
-    ):
-        super().__init__()
-        self.text_encoder = freeze(text_encoder)
-        self.text_encoder_2 = freeze(text_encoder_2)
-        self.tokenizers = (tokenizer, tokenizer_2)
-        self.max_sequence_length = max_sequence_length
+    text_parts = FLUX_TEXT_PARTS  # CLIP-L, then T5
 
-    @staticmethod
-    def _ids(tokenizer: Any, prompts: list[str], length: int, encoder: torch.nn.Module) -> torch.Tensor:
+    def _ids(self, tokenizer: Any, prompts: list[str], length: int, encoder: torch.nn.Module) -> torch.Tensor:
         """Token ids ``[B, length]``, padded and truncated to ``length``, on the encoder's device."""
         ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        return ids.input_ids.to(next(encoder.parameters()).device)
+        return ids.input_ids.to(self._device(encoder))
 
     def forward(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         clip_tok, t5_tok = self.tokenizers
@@ -255,8 +248,7 @@ class VaeCodec(torch.nn.Module):
         super().__init__()
         factor = vae_scale_factor(vae)
         multiple = 2 * factor  # FluxPipeline: 8x VAE, then 2x2 packing
-        if height <= 0 or width <= 0 or height % multiple or width % multiple:
-            raise ValueError(f"model.options height/width: expected positive multiples of {multiple}, got {height}x{width}")
+        check_pixel_size(height, width, multiple, multiple)
         self.vae = frozen_vae(vae)
         self.latent_shape = (vae.config.latent_channels, height // factor, width // factor)  # (C, h, w)
 
@@ -272,32 +264,18 @@ class VaeCodec(torch.nn.Module):
 # ------------------------------------------------------------------------------------------------ building
 
 
-class FluxOptions(AdapterOptions):
-    """``model.options`` of model kind ``flux``."""
+class FluxOptions(DiffusersOptions):
+    """``model.options`` of model kind ``flux`` (the shared ones documented in :class:`DiffusersOptions`)."""
 
-    tiny: bool = False
-    """Build random tiny weights in-process (no files); model.path must then be unset."""
-    seed: int = 0
-    """Seed of the tiny random weights (the global RNG is left untouched)."""
     guidance_scale: float | None = Field(None, ge=0)
     """Distilled guidance fed to the transformer, rollout and training alike; None: 3.5 for a guidance-distilled
     transformer (FLUX.1-dev), none for one without guidance embeddings (FLUX.1-schnell)."""
     true_cfg_scale: float = Field(1.0, ge=1)
     """Real classifier-free guidance against negative_prompt (a second pass), on when > 1; FLUX.1 runs without."""
-    negative_prompt: str = ""
-    """The unconditional prompt of true CFG."""
     resolution: int | None = Field(None, gt=0)
     """Square image side in pixels, a multiple of 16; default 1024 (64 for tiny). The OTCA paper trains at 512."""
-    height: int | None = Field(None, gt=0)
-    """Image height in pixels (overrides resolution)."""
-    width: int | None = Field(None, gt=0)
-    """Image width in pixels (overrides resolution)."""
     max_sequence_length: int = Field(FLUX_T5_TOKENS, ge=1, le=512)
     """T5 tokens per prompt (FluxPipeline: 512 for dev, 256 for schnell)."""
-    embeddings: str | None = None
-    """Precomputed prompt embeddings (a file of FluxPolicy.save_prompt_embeddings); the text encoders are not loaded."""
-    vae_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype of the VAE (decoding only)."""
 
 
 def tiny_flux_components(seed: int = 0, text: bool = True) -> dict[str, Any]:
@@ -308,8 +286,8 @@ def tiny_flux_components(seed: int = 0, text: bool = True) -> dict[str, Any]:
     channels, FLUX.1's scaling/shift factors and no quant convs, a CLIP text model whose width is the pooled
     width, and a gated-GELU T5 encoder whose width is the joint attention width.
     """
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -321,68 +299,29 @@ def tiny_flux_components(seed: int = 0, text: bool = True) -> dict[str, Any]:
                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True,
                 axes_dims_rope=(4, 6, 6),
             ),
-            "vae": AutoencoderKL(
-                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4, 8, 8, 8), layers_per_block=1,
-                latent_channels=16, norm_num_groups=4, sample_size=TINY_FLUX_SIDE, scaling_factor=0.3611,
-                shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+            "vae": tiny_autoencoder_kl(
+                (4, 8, 8, 8), sample_size=TINY_FLUX_SIDE, scaling_factor=0.3611, shift_factor=0.1159
             ),
         }
         if text:
-            parts["text_encoder"] = CLIPTextModel(
-                CLIPTextConfig(
-                    vocab_size=len(clip_tok), hidden_size=24, intermediate_size=48, projection_dim=24,
-                    num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=clip_tok.model_max_length,
-                    bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                )
-            )
+            parts["text_encoder"] = tiny_clip_text_model(CLIPTextModel, clip_tok, 24)
             parts["tokenizer"] = clip_tok
-            parts["text_encoder_2"] = T5EncoderModel(
-                T5Config(
-                    vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
-                    relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-                )
+            parts["text_encoder_2"] = tiny_t5_encoder(
+                T5EncoderModel, T5Config, t5_tok, d_model=32, num_heads=2, feed_forward_proj="gated-gelu"
             )
             parts["tokenizer_2"] = t5_tok
     return parts
 
 
-def load_flux_components(root: Path, *, text: bool, dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
-    """The parts of a local FluxPipeline directory (no network), text encoders and tokenizers only if ``text``."""
-    names = ("transformer", "vae", *(FLUX_TEXT_PARTS if text else ()))
-    folders = {n: subfolder(root, n, "flux") for n in names}  # every folder checked before anything loads
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-
-    parts: dict[str, Any] = {
-        "transformer": FluxTransformer2DModel.from_pretrained(folders["transformer"], torch_dtype=dtype),
-        "vae": AutoencoderKL.from_pretrained(folders["vae"], torch_dtype=vae_dtype),
-    }
-    if text:
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
-
-        for cls, enc, tok in ((CLIPTextModel, *FLUX_TEXT_PARTS[:2]), (T5EncoderModel, *FLUX_TEXT_PARTS[2:])):
-            parts[enc] = cls.from_pretrained(folders[enc], dtype=dtype, local_files_only=True)
-            parts[tok] = AutoTokenizer.from_pretrained(folders[tok], local_files_only=True)
-    return parts
-
-
-def flux_policy_from_components(
-    parts: dict[str, Any],
-    opts: FluxOptions,
-    dtype: torch.dtype,
-    vae_dtype: torch.dtype,
-    cache: PromptEmbeddingCache | None = None,
-) -> FluxPolicy:
-    """Assemble the policy from :func:`tiny_flux_components` / :func:`load_flux_components` parts and the
+def flux_policy_from_components(inputs: BuildInputs[FluxOptions]) -> FluxPolicy:
+    """Assemble the policy from :func:`tiny_flux_components` / ``FluxPolicy.load_components`` parts and the
     options; with a ``cache`` the text-encoder parts are not needed."""
-    text = cache
-    if text is None:
-        encoders = {k: cast_module(parts[k], dtype) if k.startswith("text_encoder") else parts[k] for k in FLUX_TEXT_PARTS}
-        text = FluxTextEncoder(**encoders, max_sequence_length=opts.max_sequence_length)
-    side = opts.resolution or (TINY_FLUX_SIDE if opts.tiny else FLUX_SIDE)
-    codec = VaeCodec(cast_module(parts["vae"], vae_dtype), opts.height or side, opts.width or side)
+    opts = inputs.opts
+    text = inputs.text(FluxTextEncoder, opts.max_sequence_length)
+    side = TINY_FLUX_SIDE if opts.tiny else FLUX_SIDE
+    codec = VaeCodec(cast_module(inputs.parts["vae"], inputs.vae_dtype), *opts.size(side, side))
     policy = FluxPolicy(
-        cast_module(parts["transformer"], dtype), text, codec,
+        cast_module(inputs.parts["transformer"], inputs.dtype), text, codec,
         guidance_scale=opts.guidance_scale, true_cfg_scale=opts.true_cfg_scale, negative_prompt=opts.negative_prompt,
     )
     # Rollout and re-evaluation must see one deterministic network (ratio 1): no dropout, as after from_pretrained.
@@ -393,16 +332,6 @@ def flux_policy_from_components(
 def build_flux(cfg: "ModelConfig", device: torch.device) -> FluxPolicy:
     """Model kind ``flux``: a local FLUX.1 diffusers directory at ``cfg.path`` (or ``options.tiny``), with
     ``cfg.lora`` and gradient checkpointing on the transformer only, weights and text encoders in ``cfg.dtype``."""
-    opts = parse_options(FluxOptions, cfg.options)
-    tiny_and_path_exclusive(cfg, opts.tiny)
-    dtype, vae_dtype = getattr(torch, cfg.dtype), getattr(torch, opts.vae_dtype)
-    root = None if opts.tiny else model_dir(cfg)
-    # The cache is read before the weights: a bad file fails before gigabytes load.
-    cache = None if opts.embeddings is None else PromptEmbeddingCache(opts.embeddings, "flux", FLUX_EMBEDDING_FIELDS)
-    if root is None:
-        parts = tiny_flux_components(opts.seed, text=cache is None)
-    else:
-        parts = load_flux_components(root, text=cache is None, dtype=dtype, vae_dtype=vae_dtype)
-    policy = flux_policy_from_components(parts, opts, dtype, vae_dtype, cache)
-    prepare_denoisers([policy.transformer], cfg)
-    return policy.to(device)
+    return build_diffusers_policy(
+        cfg, device, FluxPolicy, FluxOptions, tiny_flux_components, flux_policy_from_components
+    )

@@ -14,29 +14,29 @@ Registered as model kind ``"sd3"``: ``model.path`` is a local ``StableDiffusion3
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
 
 from otca.models._diffusers_common import (
-    AdapterOptions,
     BatchedCond,
+    BuildInputs,
+    DiffusersOptions,
     DiffusersPolicy,
+    FrozenTextEncoders,
     PromptEmbeddingCache,
+    build_diffusers_policy,
     cast_module,
+    check_pixel_size,
     decode_scaled_latents,
-    freeze,
     frozen_vae,
     guided_forward,
-    model_dir,
-    parse_options,
-    prepare_denoisers,
     sigma_to_timestep,
-    subfolder,
-    tiny_and_path_exclusive,
+    tiny_autoencoder_kl,
+    tiny_clip_text_model,
     tiny_clip_tokenizer,
+    tiny_t5_encoder,
     tiny_t5_tokenizer,
     vae_scale_factor,
 )
@@ -51,7 +51,6 @@ SD3_GUIDANCE = 4.5
 SD3_T5_TOKENS = 256
 # The sub-folders of a StableDiffusion3Pipeline directory that the adapter reads, text encoders last.
 SD3_TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
-SD3_EMBEDDING_FIELDS = ("prompt_embeds", "pooled")
 
 
 @dataclass(frozen=True)
@@ -64,39 +63,21 @@ class SD3Cond(BatchedCond):
     neg_pooled: torch.Tensor | None = None  # [B, P]
 
 
-class SD3TextEncoder(torch.nn.Module):
+class SD3TextEncoder(FrozenTextEncoders):
     """The three frozen SD3 text encoders: ``prompts -> {"prompt_embeds": [B, 77 + L, D], "pooled": [B, P]}``.
 
     ``D`` is T5's width (the transformer's ``joint_attention_dim``), ``P`` the sum of the two CLIP projection
     widths (its ``pooled_projection_dim``), ``L = max_sequence_length``.
     """
 
-    def __init__(
-        self,
-        text_encoder: torch.nn.Module,
-        tokenizer: Any,
-        text_encoder_2: torch.nn.Module,
-        tokenizer_2: Any,
-        text_encoder_3: torch.nn.Module,
-        tokenizer_3: Any,
-        max_sequence_length: int = SD3_T5_TOKENS,
-    ):
-        super().__init__()
-        self.text_encoder = freeze(text_encoder)
-        self.text_encoder_2 = freeze(text_encoder_2)
-        self.text_encoder_3 = freeze(text_encoder_3)
-        self.tokenizers = (tokenizer, tokenizer_2, tokenizer_3)
-        self.max_sequence_length = max_sequence_length
-
-    def _device(self) -> torch.device:
-        return next(self.text_encoder.parameters()).device
+    text_parts = SD3_TEXT_PARTS  # CLIP-L, CLIP-G, then T5
 
     def _clip(self, tokenizer: Any, encoder: torch.nn.Module, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Penultimate hidden states ``[B, 77, H]`` (the pipeline's ``clip_skip=None``) and the projection ``[B, P_i]``."""
         ids = tokenizer(
             prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids  # [B, 77]
-        out = encoder(ids.to(self._device()), output_hidden_states=True)
+        out = encoder(ids.to(self._device(encoder)), output_hidden_states=True)
         return out.hidden_states[-2], out.text_embeds
 
     def _t5(self, prompts: list[str]) -> torch.Tensor:
@@ -105,7 +86,7 @@ class SD3TextEncoder(torch.nn.Module):
             prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
             add_special_tokens=True, return_tensors="pt",
         ).input_ids  # [B, L]
-        return self.text_encoder_3(ids.to(self._device()))[0]
+        return self.text_encoder_3(ids.to(self._device(self.text_encoder_3)))[0]
 
     def forward(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         h_l, pool_l = self._clip(self.tokenizers[0], self.text_encoder, prompts)  # [B, 77, Hl], [B, Pl]
@@ -130,6 +111,14 @@ class SD3Policy(DiffusersPolicy):
 
     kind = "sd3"
     cond_type = SD3Cond
+    text_parts = SD3_TEXT_PARTS
+
+    @staticmethod
+    def pipeline_classes() -> tuple[Any, Any, tuple[Any, ...]]:
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+        return SD3Transformer2DModel, AutoencoderKL, (CLIPTextModelWithProjection,) * 2 + (T5EncoderModel,)
 
     def __init__(
         self,
@@ -145,8 +134,7 @@ class SD3Policy(DiffusersPolicy):
         tcfg, vcfg = transformer.config, vae.config
         factor = vae_scale_factor(vae)
         multiple = factor * tcfg.patch_size
-        if height % multiple or width % multiple or height <= 0 or width <= 0:
-            raise ValueError(f"model.options height/width: expected positive multiples of {multiple}, got {height}x{width}")
+        check_pixel_size(height, width, multiple, multiple)
         if tcfg.in_channels != vcfg.latent_channels:
             raise ValueError(
                 f"SD3: transformer in_channels {tcfg.in_channels} != VAE latent_channels {vcfg.latent_channels}"
@@ -176,8 +164,7 @@ class SD3Policy(DiffusersPolicy):
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: SD3Cond) -> torch.Tensor:
         """Flow velocity ``[B, C, h, w]`` (x's dtype) at ``x [B, C, h, w]`` and ``sigma [B]``, CFG inside."""
         b = x.shape[0]
-        if len(cond) != b:
-            raise ValueError(f"velocity: cond has {len(cond)} prompts for a batch of {b} latents")
+        self._check_batch(cond, b)
         t = sigma_to_timestep(sigma, b, x.device)  # [B]
         v = guided_forward(
             self._net, x.to(self.transformer.dtype), t, cond.positive(), cond.negative(), self.guidance_scale
@@ -192,29 +179,15 @@ class SD3Policy(DiffusersPolicy):
 # ------------------------------------------------------------------------------------------------ building
 
 
-class SD3Options(AdapterOptions):
-    """``model.options`` of model kind ``sd3``."""
+class SD3Options(DiffusersOptions):
+    """``model.options`` of model kind ``sd3`` (the shared ones documented in :class:`DiffusersOptions`)."""
 
-    tiny: bool = False
-    """Build random tiny weights in-process (no files); model.path must then be unset."""
-    seed: int = 0
-    """Seed of the tiny random weights (the global RNG is left untouched)."""
     guidance_scale: float = Field(SD3_GUIDANCE, ge=0)
     """Classifier-free guidance scale, applied in rollout and training alike; on when > 1."""
-    negative_prompt: str = ""
-    """The unconditional prompt of CFG."""
     resolution: int | None = Field(None, gt=0)
     """Square image side in pixels; default: the transformer's sample_size times the VAE factor (1024 for SD3.5)."""
-    height: int | None = Field(None, gt=0)
-    """Image height in pixels (overrides resolution)."""
-    width: int | None = Field(None, gt=0)
-    """Image width in pixels (overrides resolution)."""
     max_sequence_length: int = Field(SD3_T5_TOKENS, ge=1, le=512)
     """T5 tokens per prompt."""
-    embeddings: str | None = None
-    """Precomputed prompt embeddings (a file of SD3Policy.save_prompt_embeddings); the text encoders are not loaded."""
-    vae_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype of the VAE (decoding only)."""
 
 
 def tiny_sd3_components(seed: int = 0, text: bool = True) -> dict[str, Any]:
@@ -223,8 +196,8 @@ def tiny_sd3_components(seed: int = 0, text: bool = True) -> dict[str, Any]:
     Shapes mirror SD3.5 at a small width: 16 latent channels, the VAE's SD3 scaling/shift factors, two CLIP
     encoders of different widths, a T5 wider than both together, a dual-attention first block and RMS q/k norm.
     """
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -235,72 +208,30 @@ def tiny_sd3_components(seed: int = 0, text: bool = True) -> dict[str, Any]:
                 num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=40,
                 pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
             ),
-            "vae": AutoencoderKL(
-                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 16), layers_per_block=1,
-                latent_channels=16, norm_num_groups=4, sample_size=32, scaling_factor=1.5305, shift_factor=0.0609,
-                use_quant_conv=False, use_post_quant_conv=False,
-            ),
+            "vae": tiny_autoencoder_kl((8, 8, 16), sample_size=32, scaling_factor=1.5305, shift_factor=0.0609),
         }
         if text:
             for enc, tok, width in (("text_encoder", "tokenizer", 16), ("text_encoder_2", "tokenizer_2", 24)):
-                parts[enc] = CLIPTextModelWithProjection(
-                    CLIPTextConfig(
-                        vocab_size=len(clip_tok), hidden_size=width, intermediate_size=2 * width, projection_dim=width,
-                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=clip_tok.model_max_length,
-                        bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                    )
-                )
+                parts[enc] = tiny_clip_text_model(CLIPTextModelWithProjection, clip_tok, width)
                 parts[tok] = clip_tok
-            parts["text_encoder_3"] = T5EncoderModel(
-                T5Config(
-                    vocab_size=len(t5_tok), d_model=48, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
-                    relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-                )
+            parts["text_encoder_3"] = tiny_t5_encoder(
+                T5EncoderModel, T5Config, t5_tok, d_model=48, num_heads=2, feed_forward_proj="gated-gelu"
             )
             parts["tokenizer_3"] = t5_tok
     return parts
 
 
-def load_sd3_components(root: Path, *, text: bool, dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
-    """The parts of a local StableDiffusion3Pipeline directory (no network), text encoders only if ``text``."""
-    names = ("transformer", "vae", *(SD3_TEXT_PARTS if text else ()))
-    folders = {n: subfolder(root, n, "sd3") for n in names}  # every folder checked before anything loads
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-
-    parts: dict[str, Any] = {
-        "transformer": SD3Transformer2DModel.from_pretrained(folders["transformer"], torch_dtype=dtype),
-        "vae": AutoencoderKL.from_pretrained(folders["vae"], torch_dtype=vae_dtype),
-    }
-    if text:
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
-
-        classes = (CLIPTextModelWithProjection, CLIPTextModelWithProjection, T5EncoderModel)
-        for cls, enc, tok in zip(classes, SD3_TEXT_PARTS[0::2], SD3_TEXT_PARTS[1::2]):
-            parts[enc] = cls.from_pretrained(folders[enc], dtype=dtype, local_files_only=True)
-            parts[tok] = AutoTokenizer.from_pretrained(folders[tok], local_files_only=True)
-    return parts
-
-
-def sd3_policy_from_components(
-    parts: dict[str, Any],
-    opts: SD3Options,
-    dtype: torch.dtype,
-    vae_dtype: torch.dtype,
-    cache: PromptEmbeddingCache | None = None,
-) -> SD3Policy:
-    """Assemble the policy from :func:`tiny_sd3_components` / :func:`load_sd3_components` parts and the options;
+def sd3_policy_from_components(inputs: BuildInputs[SD3Options]) -> SD3Policy:
+    """Assemble the policy from :func:`tiny_sd3_components` / ``SD3Policy.load_components`` parts and the options;
     with a ``cache`` the text-encoder parts are not needed."""
-    transformer = cast_module(parts["transformer"], dtype)
-    vae = cast_module(parts["vae"], vae_dtype)
-    text = cache
-    if text is None:
-        encoders = {k: cast_module(parts[k], dtype) if k.startswith("text_encoder") else parts[k] for k in SD3_TEXT_PARTS}
-        text = SD3TextEncoder(**encoders, max_sequence_length=opts.max_sequence_length)
-    side = opts.resolution or transformer.config.sample_size * vae_scale_factor(vae)
+    opts = inputs.opts
+    transformer = cast_module(inputs.parts["transformer"], inputs.dtype)
+    vae = cast_module(inputs.parts["vae"], inputs.vae_dtype)
+    text = inputs.text(SD3TextEncoder, opts.max_sequence_length)
+    side = transformer.config.sample_size * vae_scale_factor(vae)
+    height, width = opts.size(side, side)
     return SD3Policy(
-        transformer, vae, text,
-        height=opts.height or side, width=opts.width or side,
+        transformer, vae, text, height=height, width=width,
         guidance_scale=opts.guidance_scale, negative_prompt=opts.negative_prompt,
     )
 
@@ -309,16 +240,4 @@ def sd3_policy_from_components(
 def build_sd3(cfg: "ModelConfig", device: torch.device) -> SD3Policy:
     """Model kind ``sd3``: a local SD3/SD3.5 diffusers directory at ``cfg.path`` (or ``options.tiny``), with
     ``cfg.lora`` and gradient checkpointing on the transformer, weights and text encoders in ``cfg.dtype``."""
-    opts = parse_options(SD3Options, cfg.options)
-    tiny_and_path_exclusive(cfg, opts.tiny)
-    dtype, vae_dtype = getattr(torch, cfg.dtype), getattr(torch, opts.vae_dtype)
-    root = None if opts.tiny else model_dir(cfg)
-    # The cache is read before the weights: a bad file fails before gigabytes load.
-    cache = None if opts.embeddings is None else PromptEmbeddingCache(opts.embeddings, "sd3", SD3_EMBEDDING_FIELDS)
-    if root is None:
-        parts = tiny_sd3_components(opts.seed, text=cache is None)
-    else:
-        parts = load_sd3_components(root, text=cache is None, dtype=dtype, vae_dtype=vae_dtype)
-    policy = sd3_policy_from_components(parts, opts, dtype, vae_dtype, cache)
-    prepare_denoisers([policy.transformer], cfg)
-    return policy.to(device)
+    return build_diffusers_policy(cfg, device, SD3Policy, SD3Options, tiny_sd3_components, sd3_policy_from_components)

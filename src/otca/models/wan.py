@@ -24,27 +24,26 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
 
 from otca.models._diffusers_common import (
     TIMESTEP_SCALE,
-    AdapterOptions,
     BatchedCond,
+    BuildInputs,
+    DiffusersOptions,
     DiffusersPolicy,
+    FrozenTextEncoders,
     PromptEmbeddingCache,
+    build_diffusers_policy,
     cast_module,
-    freeze,
+    check_pixel_size,
     frozen_vae,
     guided_forward,
-    model_dir,
-    parse_options,
-    prepare_denoisers,
     sigma_to_timestep,
-    subfolder,
-    tiny_and_path_exclusive,
+    tiny_t5_encoder,
     tiny_t5_tokenizer,
     vae_to_unit,
 )
@@ -59,7 +58,6 @@ WAN_TEXT_TOKENS = 512
 WAN_VIDEO = {"height": 480, "width": 832, "num_frames": 81}
 TINY_WAN_VIDEO = {"height": 32, "width": 32, "num_frames": 5}
 WAN_TEXT_PARTS = ("text_encoder", "tokenizer")
-WAN_EMBEDDING_FIELDS = ("prompt_embeds",)
 
 
 @dataclass(frozen=True)
@@ -76,21 +74,17 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
 
 
-class WanTextEncoder(torch.nn.Module):
+class WanTextEncoder(FrozenTextEncoders):
     """The frozen UMT5 encoder: ``prompts -> {"prompt_embeds": [B, L, D]}``, zeros past each prompt's tokens."""
 
-    def __init__(self, text_encoder: torch.nn.Module, tokenizer: Any, max_sequence_length: int = WAN_TEXT_TOKENS):
-        super().__init__()
-        self.text_encoder = freeze(text_encoder)
-        self.tokenizer = tokenizer
-        self.max_sequence_length = max_sequence_length
+    text_parts = WAN_TEXT_PARTS
 
     def forward(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer(
+        tok = self.tokenizers[0](
             [clean_prompt(p) for p in prompts], padding="max_length", max_length=self.max_sequence_length,
             truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
         )
-        device = next(self.text_encoder.parameters()).device
+        device = self._device(self.text_encoder)
         mask = tok.attention_mask.to(device)  # [B, L]
         h = self.text_encoder(tok.input_ids.to(device), mask).last_hidden_state  # [B, L, D]
         # The pipeline cuts each sequence at its length and pads with zeros: the same as zeroing the padding.
@@ -106,6 +100,24 @@ class WanPolicy(DiffusersPolicy):
 
     kind = "wan"
     cond_type = WanCond
+    text_parts = WAN_TEXT_PARTS
+
+    @staticmethod
+    def pipeline_classes() -> tuple[Any, Any, tuple[Any, ...]]:
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from transformers import UMT5EncoderModel
+
+        return WanTransformer3DModel, AutoencoderKLWan, (UMT5EncoderModel,)
+
+    @classmethod
+    def load_components(cls, root: Path, *, text: bool, dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
+        """:meth:`DiffusersPolicy.load_components`, plus ``transformer_2`` for two-expert models (a folder of that
+        name). ``boundary_ratio`` is read apart (:func:`_boundary_ratio`)."""
+        parts = super().load_components(root, text=text, dtype=dtype, vae_dtype=vae_dtype)
+        if (root / "transformer_2").is_dir():
+            transformer_cls = cls.pipeline_classes()[0]
+            parts["transformer_2"] = transformer_cls.from_pretrained(root / "transformer_2", torch_dtype=dtype)
+        return parts
 
     def __init__(
         self,
@@ -125,10 +137,7 @@ class WanPolicy(DiffusersPolicy):
         vcfg = vae.config
         tf, sf = vcfg.scale_factor_temporal, vcfg.scale_factor_spatial
         _, ph, pw = transformer.config.patch_size
-        if height <= 0 or width <= 0 or height % (sf * ph) or width % (sf * pw):
-            raise ValueError(
-                f"model.options height/width: expected positive multiples of {sf * ph} and {sf * pw}, got {height}x{width}"
-            )
+        check_pixel_size(height, width, sf * ph, sf * pw)
         if num_frames < 1 or (num_frames - 1) % tf:
             raise ValueError(f"model.options.num_frames: expected 1 + a multiple of {tf}, got {num_frames}")
         if transformer.config.in_channels != vcfg.z_dim:
@@ -155,6 +164,10 @@ class WanPolicy(DiffusersPolicy):
         # Rollout and re-evaluation must see one deterministic network (ratio 1): no dropout, as after from_pretrained.
         self.eval()
 
+    def denoisers(self) -> list[torch.nn.Module]:
+        """The trained networks: every expert."""
+        return [m for m in (self.transformer, self.transformer_2) if m is not None]
+
     @staticmethod
     def _net(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
         """One pass of expert ``net``: ``x [n, C, f, h, w]`` in its dtype, ``t [n]`` in [0, 1000] -> same shape."""
@@ -170,8 +183,7 @@ class WanPolicy(DiffusersPolicy):
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: WanCond) -> torch.Tensor:
         """Flow velocity ``[B, C, f, h, w]`` (x's dtype) at ``x [B, C, f, h, w]`` and ``sigma [B]``, CFG inside."""
         b = x.shape[0]
-        if len(cond) != b:
-            raise ValueError(f"velocity: cond has {len(cond)} prompts for a batch of {b} latents")
+        self._check_batch(cond, b)
         t = sigma_to_timestep(sigma, b, x.device)  # [B]
         if self.transformer_2 is None:
             return self._expert_velocity(self.transformer, self.guidance_scale, x, t, cond).to(x.dtype)
@@ -197,35 +209,22 @@ class WanPolicy(DiffusersPolicy):
 # ------------------------------------------------------------------------------------------------ building
 
 
-class WanOptions(AdapterOptions):
-    """``model.options`` of model kind ``wan``."""
+class WanOptions(DiffusersOptions):
+    """``model.options`` of model kind ``wan`` (the shared ones documented in :class:`DiffusersOptions`; the
+    default float32 ``vae_dtype`` is also WanPipeline's example's choice)."""
 
-    tiny: bool = False
-    """Build random tiny weights in-process (no files); model.path must then be unset."""
-    seed: int = 0
-    """Seed of the tiny random weights (the global RNG is left untouched)."""
     guidance_scale: float = Field(WAN_GUIDANCE, ge=0)
     """Classifier-free guidance scale (the high-noise expert's with two experts), rollout and training; on when > 1."""
     guidance_scale_2: float | None = Field(None, ge=0)
     """Guidance scale of the low-noise expert (Wan2.2-A14B); default: guidance_scale."""
-    negative_prompt: str = ""
-    """The unconditional prompt of CFG."""
     resolution: int | None = Field(None, gt=0)
     """Square frame side in pixels; default 480x832 (32x32 for tiny)."""
-    height: int | None = Field(None, gt=0)
-    """Frame height in pixels (overrides resolution)."""
-    width: int | None = Field(None, gt=0)
-    """Frame width in pixels (overrides resolution)."""
     num_frames: int | None = Field(None, ge=1)
     """Frames per video, 1 + a multiple of the VAE's temporal factor (4); default 81 (5 for tiny)."""
     max_sequence_length: int = Field(WAN_TEXT_TOKENS, ge=1)
     """UMT5 tokens per prompt."""
     boundary_ratio: float | None = Field(None, gt=0, lt=1)
     """Two-expert models: the sigma where the low-noise expert takes over; default: model_index.json's."""
-    embeddings: str | None = None
-    """Precomputed prompt embeddings (a file of WanPolicy.save_prompt_embeddings); the text encoder is not loaded."""
-    vae_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype of the VAE (decoding only; WanPipeline's example keeps it in float32)."""
 
 
 def tiny_wan_components(seed: int = 0, text: bool = True) -> dict[str, Any]:
@@ -250,12 +249,7 @@ def tiny_wan_components(seed: int = 0, text: bool = True) -> dict[str, Any]:
             ),
         }
         if text:
-            parts["text_encoder"] = UMT5EncoderModel(
-                UMT5Config(
-                    vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                    relative_attention_num_buckets=8, dropout_rate=0.0,
-                )
-            )
+            parts["text_encoder"] = tiny_t5_encoder(UMT5EncoderModel, UMT5Config, tok, d_model=32, num_heads=4)
             parts["tokenizer"] = tok
     return parts
 
@@ -271,54 +265,26 @@ def _boundary_ratio(root: Path) -> float | None:
         raise ValueError(f"model 'wan': '{index}' is not valid JSON ({e})") from None
 
 
-def load_wan_components(root: Path, *, text: bool, dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
-    """The parts of a local WanPipeline directory (no network); ``transformer_2`` and ``boundary_ratio`` only
-    for two-expert models, text encoder and tokenizer only if ``text``."""
-    names = ("transformer", "vae", *(WAN_TEXT_PARTS if text else ()))
-    folders = {n: subfolder(root, n, "wan") for n in names}  # every folder checked before anything loads
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
-
-    parts: dict[str, Any] = {
-        "transformer": WanTransformer3DModel.from_pretrained(folders["transformer"], torch_dtype=dtype),
-        "vae": AutoencoderKLWan.from_pretrained(folders["vae"], torch_dtype=vae_dtype),
-    }
-    if (root / "transformer_2").is_dir():
-        parts["transformer_2"] = WanTransformer3DModel.from_pretrained(root / "transformer_2", torch_dtype=dtype)
-    if text:
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
-        parts["text_encoder"] = UMT5EncoderModel.from_pretrained(folders["text_encoder"], dtype=dtype, local_files_only=True)
-        parts["tokenizer"] = AutoTokenizer.from_pretrained(folders["tokenizer"], local_files_only=True)
-    return parts
-
-
-def wan_policy_from_components(
-    parts: dict[str, Any],
-    opts: WanOptions,
-    dtype: torch.dtype,
-    vae_dtype: torch.dtype,
-    cache: PromptEmbeddingCache | None = None,
-    boundary_ratio: float | None = None,
-) -> WanPolicy:
-    """Assemble the policy from :func:`tiny_wan_components` / :func:`load_wan_components` parts and the options;
-    with a ``cache`` the text-encoder parts are not needed. ``boundary_ratio`` (the directory's) is used for a
-    two-expert model unless ``opts.boundary_ratio`` overrides it."""
-    text = cache
-    if text is None:
-        text = WanTextEncoder(
-            cast_module(parts["text_encoder"], dtype), parts["tokenizer"], max_sequence_length=opts.max_sequence_length
-        )
+def wan_policy_from_components(inputs: BuildInputs[WanOptions], boundary_ratio: float | None = None) -> WanPolicy:
+    """Assemble the policy from :func:`tiny_wan_components` / ``WanPolicy.load_components`` parts and the options;
+    with a ``cache`` the text-encoder parts are not needed. ``boundary_ratio`` (default: the model directory's
+    model_index.json's) is used for a two-expert model unless ``opts.boundary_ratio`` overrides it."""
+    opts, parts, dtype = inputs.opts, inputs.parts, inputs.dtype
+    if boundary_ratio is None and inputs.root is not None:
+        boundary_ratio = _boundary_ratio(inputs.root)
+    text = inputs.text(WanTextEncoder, opts.max_sequence_length)
     transformer_2 = parts.get("transformer_2")
     boundary = boundary_ratio if opts.boundary_ratio is None else opts.boundary_ratio
     if transformer_2 is not None and boundary is None:
         raise ValueError("model 'wan': a transformer_2 folder needs boundary_ratio (model_index.json or model.options)")
     video = TINY_WAN_VIDEO if opts.tiny else WAN_VIDEO
+    height, width = opts.size(video["height"], video["width"])
     return WanPolicy(
         cast_module(parts["transformer"], dtype),
-        cast_module(parts["vae"], vae_dtype),
+        cast_module(parts["vae"], inputs.vae_dtype),
         text,
-        height=opts.height or opts.resolution or video["height"],
-        width=opts.width or opts.resolution or video["width"],
+        height=height,
+        width=width,
         num_frames=opts.num_frames or video["num_frames"],
         guidance_scale=opts.guidance_scale,
         guidance_scale_2=opts.guidance_scale_2,
@@ -332,17 +298,4 @@ def wan_policy_from_components(
 def build_wan(cfg: "ModelConfig", device: torch.device) -> WanPolicy:
     """Model kind ``wan``: a local Wan 2.1/2.2 T2V diffusers directory at ``cfg.path`` (or ``options.tiny``), with
     ``cfg.lora`` and gradient checkpointing on every expert, weights and text encoder in ``cfg.dtype``."""
-    opts = parse_options(WanOptions, cfg.options)
-    tiny_and_path_exclusive(cfg, opts.tiny)
-    dtype, vae_dtype = getattr(torch, cfg.dtype), getattr(torch, opts.vae_dtype)
-    root = None if opts.tiny else model_dir(cfg)
-    # The cache is read before the weights: a bad file fails before gigabytes load.
-    cache = None if opts.embeddings is None else PromptEmbeddingCache(opts.embeddings, "wan", WAN_EMBEDDING_FIELDS)
-    if root is None:
-        parts = tiny_wan_components(opts.seed, text=cache is None)
-    else:
-        parts = load_wan_components(root, text=cache is None, dtype=dtype, vae_dtype=vae_dtype)
-    boundary = None if root is None else _boundary_ratio(root)
-    policy = wan_policy_from_components(parts, opts, dtype, vae_dtype, cache, boundary)
-    prepare_denoisers([m for m in (policy.transformer, policy.transformer_2) if m is not None], cfg)
-    return policy.to(device)
+    return build_diffusers_policy(cfg, device, WanPolicy, WanOptions, tiny_wan_components, wan_policy_from_components)

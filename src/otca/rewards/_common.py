@@ -1,4 +1,5 @@
-"""Shared plumbing of the model-based rewards: weight-path checks, safe loading, tensor preprocessing.
+"""Shared plumbing of the model-based rewards: weight-path checks, safe loading, tensor preprocessing, the
+batched scoring loop of the image rewards (:class:`ImageModelReward`).
 
 Contracts:
   * every path check fails with a one-line ``FileNotFoundError`` naming the reward, the file and the option
@@ -195,18 +196,36 @@ def per_frame(reward: Any, frames: bool) -> Any:
     return FrameMean(reward) if frames else reward
 
 
-def chunked(
-    score: Callable[[torch.Tensor, Sequence[str]], torch.Tensor],
-    pixels: torch.Tensor,
-    prompts: Sequence[str],
-    batch_size: int,
-) -> torch.Tensor:
-    """``score`` over batches of ``batch_size`` samples, concatenated to ``[B]`` float32 on CPU."""
-    out = [
-        score(pixels[i : i + batch_size], list(prompts[i : i + batch_size])).float().cpu()
-        for i in range(0, pixels.shape[0], batch_size)
-    ]
-    return torch.cat(out)  # [B]
+class ImageModelReward:
+    """Base of the image rewards that run a model: ``(pixels [B, C, H, W] in [0, 1], prompts) -> [B]`` float32 on
+    CPU, the input checked (:func:`check_images`), ``batch_size`` samples at a time, in eval without gradients.
+
+    Each chunk is preprocessed by ``prep`` in fp32 on the model's device, cast to the model's dtype (both read
+    from ``model``'s parameters), and scored by the subclass's :meth:`score`.
+    """
+
+    def __init__(
+        self, name: str, model: torch.nn.Module, prep: Callable[[torch.Tensor], torch.Tensor], batch_size: int
+    ):
+        self.name = name
+        self.prep = prep
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.batch_size = positive_int(name, "batch_size", batch_size)
+
+    def score(self, x: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Scores ``[b]`` of preprocessed pixels ``x [b, 3, S, S]`` (model device and dtype) and their prompts."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        x, n = check_images(self.name, pixels, prompts), self.batch_size
+        out = [self._chunk(x[i : i + n], list(prompts[i : i + n])) for i in range(0, x.shape[0], n)]
+        return torch.cat(out)  # [B]
+
+    def _chunk(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        x = self.prep(pixels.to(self.device)).to(self.dtype)  # [b, 3, S, S]; fp32 preprocessing
+        return self.score(x, prompts).float().cpu()  # [b]
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing

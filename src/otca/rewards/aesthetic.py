@@ -14,13 +14,11 @@ import torch
 
 from otca.rewards._common import (
     CropPrep,
-    check_images,
-    chunked,
+    ImageModelReward,
     crop_prep_from_processor,
     linear_chain,
     load_checkpoint,
     per_frame,
-    positive_int,
     require_file,
     seeded,
     tensor_dict,
@@ -31,24 +29,16 @@ from otca.rewards.clip import TINY_CLIP_SIDE, image_embeds, load_clip_model, tin
 from otca.rewards.registry import register_reward
 
 
-class LaionAesthetic:
+class LaionAesthetic(ImageModelReward):
     """``[B, 3, H, W]`` in [0, 1] -> ``[B]`` float32 aesthetic scores (prompts ignored)."""
 
     def __init__(self, name: str, clip_model, prep: CropPrep, head: torch.nn.Module, batch_size: int):
-        self.name = name
+        super().__init__(name, clip_model, prep, batch_size)
         self.model = clip_model
-        self.prep = prep
-        p = next(clip_model.parameters())
-        self.device, self.dtype = p.device, p.dtype
         self.head = head.to(self.device)  # fp32: it is tiny and the reference runs it in fp32
-        self.batch_size = positive_int(name, "batch_size", batch_size)
 
-    @torch.no_grad()
-    def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return chunked(self._score, check_images(self.name, pixels, prompts), prompts, self.batch_size)
-
-    def _score(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        x = self.prep(pixels.to(self.device)).to(self.dtype)  # [b, 3, 224, 224]
+    def score(self, x: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        # x: [b, 3, 224, 224]
         return self.head(image_embeds(self.model, x)).squeeze(-1)  # [b, D] unit rows -> [b]
 
 

@@ -13,19 +13,17 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from otca.rewards._common import (
     CropPrep,
-    check_images,
-    chunked,
+    ImageModelReward,
     crop_prep_from_processor,
     l2_normalize,
     option_hint,
     per_frame,
-    positive_int,
     require_dir,
     seeded,
     tiny_backbone,
@@ -115,11 +113,11 @@ def text_embeds(model, tokenizer, prompts: Sequence[str], device: torch.device) 
     return l2_normalize(getattr(out, "pooler_output", out))
 
 
-class ClipSimilarity:
+class ClipSimilarity(ImageModelReward):
     """``score_i = scale * cos(E_img(prep(x_i)), E_txt(p_i))`` -> ``[B]`` float32 on CPU.
 
     ``scale`` is 1 for CLIP-T and HPS (raw cosine), ``exp(logit_scale)`` for PickScore. Runs in eval mode
-    without gradients, ``batch_size`` samples at a time.
+    without gradients, ``batch_size`` samples at a time (:class:`ImageModelReward`).
     """
 
     def __init__(
@@ -131,21 +129,12 @@ class ClipSimilarity:
         scale: float,
         batch_size: int,
     ):
-        self.name = name
+        super().__init__(name, model, prep, batch_size)
         self.model = model
         self.tokenizer = tokenizer
-        self.prep = prep
         self.scale = float(scale)
-        self.batch_size = positive_int(name, "batch_size", batch_size)
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
 
-    @torch.no_grad()
-    def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return chunked(self._score, check_images(self.name, pixels, prompts), prompts, self.batch_size)
-
-    def _score(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        x = self.prep(pixels.to(self.device)).to(self.dtype)  # [b, 3, S, S]; fp32 preprocessing
+    def score(self, x: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         img = image_embeds(self.model, x)  # [b, D]
         txt = text_embeds(self.model, self.tokenizer, prompts, self.device)  # [b, D]
         return self.scale * (img * txt).sum(-1)  # [b]
@@ -178,25 +167,40 @@ def hf_clip_similarity(
     return ClipSimilarity(name, model, tokenizer, prep, scale, batch_size)
 
 
-@register_reward("clip-t")
-def clip_t(
-    path: str | None = None,
-    processor_path: str | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    batch_size: int = 16,
-    tiny: bool = False,
-    seed: int = 0,
-    frames: bool = False,
-):
-    """CLIP-T: raw cosine similarity of image and prompt (about 0.2-0.35 for a strong CLIP).
+def clip_similarity_factory(name: str, use_logit_scale: bool, doc: str) -> Callable[..., Any]:
+    """The registered factory of the :func:`hf_clip_similarity` reward ``name``: its signature is the reward's
+    options, ``doc`` their documentation; ``frames`` wraps it in :class:`FrameMean` (:func:`per_frame`)."""
+
+    def build(
+        path: str | None = None,
+        processor_path: str | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 16,
+        tiny: bool = False,
+        seed: int = 0,
+        frames: bool = False,
+    ):
+        similarity = hf_clip_similarity(
+            name, path, processor_path, use_logit_scale, device, dtype, batch_size, tiny, seed
+        )
+        return per_frame(similarity, frames)
+
+    build.__doc__ = doc
+    return build
+
+
+register_reward("clip-t")(
+    clip_similarity_factory(
+        "clip-t",
+        use_logit_scale=False,
+        doc="""CLIP-T: raw cosine similarity of image and prompt (about 0.2-0.35 for a strong CLIP).
 
     ``path``: a local transformers CLIP directory (e.g. a snapshot of openai/clip-vit-large-patch14) with
     config.json, weights, tokenizer files and preprocessor_config.json; ``processor_path`` overrides where
     the tokenizer and preprocessor files are read from. ``tiny``: a random tiny CLIP built in-process
     (seeded by ``seed``; a test/demo twin, its scores mean nothing). ``frames``: also score videos, as the mean
     over frames (CLIPSIM).
-    """
-    return per_frame(
-        hf_clip_similarity("clip-t", path, processor_path, False, device, dtype, batch_size, tiny, seed), frames
+    """,
     )
+)

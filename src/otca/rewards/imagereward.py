@@ -27,8 +27,7 @@ import torch
 
 from otca.rewards._common import (
     CropPrep,
-    check_images,
-    chunked,
+    ImageModelReward,
     linear_chain,
     load_checkpoint,
     per_frame,
@@ -215,23 +214,16 @@ def tiny_imagereward(name: str, seed: int, device: str, dtype: torch.dtype, batc
     )
 
 
-class ImageReward:
+class ImageReward(ImageModelReward):
     """``[B, 3, H, W]`` in [0, 1] and prompts -> ``[B]`` float32 standardized ImageReward scores."""
 
     def __init__(self, name: str, vision, text, head, tokenizer, prep: CropPrep, batch_size: int):
-        self.name = name
-        self.vision, self.text, self.tokenizer, self.prep = vision, text, tokenizer, prep
-        p = next(vision.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        super().__init__(name, vision, prep, batch_size)
+        self.vision, self.text, self.tokenizer = vision, text, tokenizer
         self.head = head.to(self.device)  # fp32, as ImageReward casts the features with .float()
-        self.batch_size = positive_int(name, "batch_size", batch_size)
 
-    @torch.no_grad()
-    def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return chunked(self._score, check_images(self.name, pixels, prompts), prompts, self.batch_size)
-
-    def _score(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        x = self.prep(pixels.to(self.device)).to(self.dtype)  # [b, 3, 224, 224]
+    def score(self, x: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        # x: [b, 3, 224, 224]
         img = self.vision(pixel_values=x).last_hidden_state  # [b, 1 + N, 1024]
         t = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=_MAX_TEXT_LEN, return_tensors="pt"

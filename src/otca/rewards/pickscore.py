@@ -8,23 +8,14 @@ normalization makes both unnecessary, and the raw value is what papers report.
 
 from __future__ import annotations
 
-from otca.rewards._common import per_frame
-from otca.rewards.clip import hf_clip_similarity
+from otca.rewards.clip import clip_similarity_factory
 from otca.rewards.registry import register_reward
 
-
-@register_reward("pickscore")
-def pickscore(
-    path: str | None = None,
-    processor_path: str | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    batch_size: int = 16,
-    tiny: bool = False,
-    seed: int = 0,
-    frames: bool = False,
-):
-    """PickScore_v1.
+register_reward("pickscore")(
+    clip_similarity_factory(
+        "pickscore",
+        use_logit_scale=True,
+        doc="""PickScore_v1.
 
     ``path``: a local snapshot of yuvalkirstain/PickScore_v1 (a transformers CLIP directory).
     ``processor_path``: where the tokenizer and preprocessor_config.json live; the official code uses
@@ -32,7 +23,6 @@ def pickscore(
     statistics). Defaults to ``path``, which works when the snapshot carries those files too. ``tiny``: a
     random tiny CLIP built in-process (seeded by ``seed``; a test/demo twin, its scores mean nothing).
     ``frames``: also score videos, as the mean over frames.
-    """
-    return per_frame(
-        hf_clip_similarity("pickscore", path, processor_path, True, device, dtype, batch_size, tiny, seed), frames
+    """,
     )
+)
