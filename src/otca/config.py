@@ -163,6 +163,8 @@ class RunConfig(_Section):
     """Write a checkpoint every N iterations (0 = only at the end)."""
     fsdp: bool = False
     """Shard the model with FSDP2 instead of DDP when running under torchrun."""
+    ddp_find_unused_parameters: bool = False
+    """Let DDP tolerate parameters without a gradient in a step (Wan 2.2's two experts: a batch may use one)."""
     progress: bool = True
     """Show a progress bar with the live rewards."""
     save_credit: bool = False

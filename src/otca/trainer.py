@@ -118,7 +118,11 @@ class Trainer:
             return fully_shard(module, ignored_params=frozen)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(module, device_ids=[self.info.device.index] if self.info.device.type == "cuda" else None)
+        return DDP(
+            module,
+            device_ids=[self.info.device.index] if self.info.device.type == "cuda" else None,
+            find_unused_parameters=self.cfg.ddp_find_unused_parameters,
+        )
 
     def resume(self) -> None:
         """Load the latest checkpoint of ``run_dir``: weights, EMA, optimizer and loop state."""
