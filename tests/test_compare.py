@@ -89,7 +89,7 @@ def test_plan_and_config_errors_are_one_line():
 @pytest.fixture(scope="module")
 def comparison(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    values = compare(None, EXTRA, schemes=SCHEMES, quick=True, out_dir=out, log=lambda line: None)
+    values = compare(None, EXTRA, schemes=SCHEMES, seeds=SEEDS, quick=True, out_dir=out, jobs=1, log=lambda line: None)
     return out, values
 
 
@@ -145,3 +145,15 @@ def test_cli_reuses_finished_runs_and_prints_the_table(comparison, capsys):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     printed = capsys.readouterr().out
     assert "| method | seeds |" in printed and "| otca | 2 |" in printed
+
+
+@pytest.mark.slow  # spawning two workers costs two fresh imports of torch and diffusers
+def test_runs_trained_by_worker_processes_equal_the_ones_trained_in_this_process(comparison):
+    out, _ = comparison
+    runs = [out / "otca" / f"seed-{s}" for s in SEEDS]
+    before = [json.loads((r / "summary.json").read_text()) for r in runs]
+    for r in runs:
+        (r / "summary.json").unlink()
+    compare(None, EXTRA, schemes=["otca"], seeds=SEEDS, quick=True, out_dir=out, jobs=2, log=lambda line: None)
+    after = [json.loads((r / "summary.json").read_text()) for r in runs]
+    assert [a["eval_after"] for a in after] == [b["eval_after"] for b in before]

@@ -165,23 +165,24 @@ def proxy_metrics(dS: torch.Tensor, dR: torch.Tensor, ks: Sequence[int] = (3, 5)
 
 # ------------------------------------------------------------------ traces of sampled trajectories
 
-# view(policy, x [b, *latent], sigma, cond, micro_batch) -> the latent [b, *latent] that is decoded and scored
-View = Callable[[Any, torch.Tensor, float, Any, int], torch.Tensor]
+# view(velocity, x [b, *latent], sigma, cond, micro_batch) -> the latent [b, *latent] that is decoded and scored;
+# velocity(x, sigma [b], cond) is the one the rollout used
+View = Callable[[Callable, torch.Tensor, float, Any, int], torch.Tensor]
 VIEWS: Registry[View] = Registry("decoded view")
 
 
 @VIEWS.register("x0")
-def clean_prediction_view(policy: Any, x: torch.Tensor, sigma: float, cond: Any, micro_batch: int) -> torch.Tensor:
+def clean_prediction_view(velocity: Callable, x: torch.Tensor, sigma: float, cond: Any, micro_batch: int) -> torch.Tensor:
     """``x0_hat = x - sigma * v(x, sigma)`` (the policy's clean prediction at this state)."""
     from otca.flow import predict_x0
     from otca.rollout import velocity_in_chunks
 
     sig = torch.full((x.shape[0],), sigma, device=x.device)  # [b]
-    return predict_x0(x, velocity_in_chunks(policy.velocity, x, sig, cond, micro_batch), sigma)  # [b, *latent]
+    return predict_x0(x, velocity_in_chunks(velocity, x, sig, cond, micro_batch), sigma)  # [b, *latent]
 
 
 @VIEWS.register("state")
-def state_view(policy: Any, x: torch.Tensor, sigma: float, cond: Any, micro_batch: int) -> torch.Tensor:
+def state_view(velocity: Callable, x: torch.Tensor, sigma: float, cond: Any, micro_batch: int) -> torch.Tensor:
     """The noisy state itself (the paper's literal reading of Sec. 6.1)."""
     return x
 
@@ -224,7 +225,7 @@ def trace_trajectories(trainer: Any, n: int, view: str = "x0") -> CreditTrace:
         per_state = []
         with trainer.eval_mode():
             for k, sigma in enumerate(traj.sigmas.tolist()):  # T+1 states
-                shown = see(trainer.policy, traj.latents[:, k], sigma, cond, micro)  # [b, *latent]
+                shown = see(trainer.model, traj.latents[:, k], sigma, cond, micro)  # [b, *latent]
                 pixels = trainer.policy.decode(shown).float().clamp(0, 1)
                 per_state.append(trainer.rewards(pixels, batch.prompts))  # [b, K]
         scores.append(torch.stack(per_state, 1))  # [b, T+1, K]
@@ -267,11 +268,11 @@ def format_table(results: dict[str, dict[str, Stat]], steps: int) -> str:
 
 
 def plot_examples(trace: CreditTrace, path: Path, examples: int = 6) -> None:
-    """Fig. 6: ``dS`` and the z-scored reward gain against the step for the first ``examples`` trajectories
-    (the first ones, not hand-picked), plus a scatter of every (dS, dR) pair."""
-    from otca.diagnostics import _plt
+    """Fig. 6: ``dS`` and the z-scored reward gain against the step for ``examples`` trajectories evenly
+    spaced through the trace (so different prompts; not hand-picked), plus a scatter of every (dS, dR) pair."""
+    from otca.diagnostics import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     dS, dR = trace.targets()[ZSUM]  # [N, steps] each
     n = min(examples, dS.shape[0])
     cols = 3
@@ -279,6 +280,7 @@ def plot_examples(trace: CreditTrace, path: Path, examples: int = 6) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), dpi=100, squeeze=False)
     steps = torch.arange(dS.shape[1])
     r = pearson_rows(dS, dR)  # [N]
+    picks = torch.linspace(0, dS.shape[0] - 1, n).round().long().tolist()  # [n] trajectory indices
     for i, ax in enumerate(axes.flat):
         if i > n:
             ax.axis("off")
@@ -289,13 +291,14 @@ def plot_examples(trace: CreditTrace, path: Path, examples: int = 6) -> None:
             ax.set_ylabel("dR (z-scored reward gain)")
             ax.set_title(f"all {dS.shape[0]} trajectories", fontsize=8)
             continue
-        ax.plot(steps, dS[i], "o-", ms=3, color="tab:blue", label="dS")
+        j = picks[i]
+        ax.plot(steps, dS[j], "o-", ms=3, color="tab:blue", label="dS")
         ax.set_ylabel("dS", color="tab:blue")
         twin = ax.twinx()
-        twin.plot(steps, dR[i], "s--", ms=3, color="tab:orange", label="dR")
+        twin.plot(steps, dR[j], "s--", ms=3, color="tab:orange", label="dR")
         twin.set_ylabel("dR (z-sum)", color="tab:orange")
         ax.set_xlabel("step k (0 = from noise)")
-        ax.set_title(f"{trace.prompts[i][:32]}  r={float(r[i]):.2f}", fontsize=8)
+        ax.set_title(f"#{j} {trace.prompts[j][:32]}  r={float(r[j]):.2f}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

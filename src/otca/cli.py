@@ -5,7 +5,7 @@
     otca train --resume RUN_DIR [key=value ...]  # continue a run from its latest checkpoint
     otca eval RUN_DIR                            # evaluate a run's latest weights
     otca sample RUN_DIR --prompt "a handwritten seven"
-    otca compare [--schemes grpo,otca] [--seeds 0,1,2] [--quick] [key=value ...]   # schemes x seeds, one table
+    otca compare [--schemes grpo,otca] [--seeds 0,1] [--quick] [key=value ...]     # schemes x seeds, one table
     otca analyze-credit [--run RUN_DIR | --config FILE] [key=value ...]            # is dS a proxy? (paper 6.1)
     torchrun --nproc_per_node 2 -m otca train    # the same on several processes
 """
@@ -41,10 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train several credit schemes over several seeds with identical compute; one table")
     c.add_argument("--config", help="YAML config file shared by every run (default: the embedded default)")
     c.add_argument("--schemes", default=None, help="comma-separated schemes (default: grpo,flow-grpo,tcd,moca,otca,pcpo)")
-    c.add_argument("--seeds", default=None, help="comma-separated run seeds (default: 0,1,2; with --quick 0,1)")
+    c.add_argument("--seeds", default=None, help="comma-separated run seeds (default: 0,1)")
     c.add_argument("--quick", action="store_true", help="CI-sized runs (a few iterations, small batch, few steps)")
     c.add_argument("--out", default="runs/compare", help="comparison directory (runs go to OUT/<scheme>/seed-<s>)")
-    c.add_argument("--jobs", type=int, default=1, help="runs trained side by side in separate processes")
+    c.add_argument("--jobs", type=int, default=None, help="runs trained side by side in separate processes (default: one per CPU core)")
     c.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     c.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the reward curves (iterations)")
     c.add_argument("overrides", nargs="*", help="key=value overrides applied to every run, e.g. train.iterations=20")
@@ -129,9 +129,9 @@ def _csv(text: str | None, cast=str) -> list | None:
 
 
 def cmd_compare(args) -> int:
-    from otca.compare import DEFAULT_SCHEMES, compare
+    from otca.compare import DEFAULT_SCHEMES, DEFAULT_SEEDS, compare
 
-    compare(args.config, args.overrides, schemes=_csv(args.schemes) or DEFAULT_SCHEMES, seeds=_csv(args.seeds, int),
+    compare(args.config, args.overrides, schemes=_csv(args.schemes) or DEFAULT_SCHEMES, seeds=_csv(args.seeds, int) or DEFAULT_SEEDS,
             out_dir=args.out, quick=args.quick, jobs=args.jobs, threads=args.threads, smooth=args.smooth)
     print((Path(args.out) / "table.md").read_text())
     print(f"comparison directory: {args.out}")

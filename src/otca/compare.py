@@ -23,7 +23,7 @@ import platform
 import shutil
 import subprocess
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -32,8 +32,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 DEFAULT_SCHEMES = ("grpo", "flow-grpo", "tcd", "moca", "otca", "pcpo")
-DEFAULT_SEEDS = (0, 1, 2)
-QUICK_SEEDS = (0, 1)
+# two seeds x six schemes of the embedded default fit in 30 minutes on 2 CPU cores (docs/results.md)
+DEFAULT_SEEDS = (0, 1)
 # CI-sized runs (seconds each): few iterations, a small batch, few steps, a small eval with 2 samples per
 # prompt (diversity needs 2). The user's overrides come after these and win.
 QUICK_OVERRIDES = (
@@ -82,19 +82,24 @@ def run_config(config: str | None, overrides: Sequence[str], spec: RunSpec):
                                 f"out_dir={spec.run_dir}", "progress=false"])
 
 
-def run_once(cfg, threads: int) -> dict[str, Any]:
-    """Train one run (``cfg`` a RunConfig) and return its summary; a finished run with this exact config is
-    reused as it is, anything else in its directory is replaced."""
+def finished_summary(cfg) -> dict[str, Any] | None:
+    """The summary of the finished run in ``cfg.out_dir`` if it was trained with exactly ``cfg``, else None."""
     from otca.config import dump_config
-    from otca.trainer import Trainer
 
     run_dir = Path(cfg.out_dir)
     summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
     if summary.is_file() and saved.is_file() and saved.read_text() == dump_config(cfg):
         return json.loads(summary.read_text())
-    shutil.rmtree(run_dir, ignore_errors=True)  # a stale or half-written run would mix into metrics.jsonl
+    return None
+
+
+def train_run(cfg, threads: int) -> dict[str, Any]:
+    """Train one run (``cfg`` a RunConfig) from scratch with ``threads`` torch threads; returns its summary."""
+    from otca.trainer import Trainer
+
+    shutil.rmtree(cfg.out_dir, ignore_errors=True)  # a stale or half-written run would mix into metrics.jsonl
     torch.set_num_threads(threads)
-    return Trainer(cfg, run_dir).train()
+    return Trainer(cfg, Path(cfg.out_dir)).train()
 
 
 # ------------------------------------------------------------------ the table
@@ -199,9 +204,9 @@ def curve_arrays(specs: Sequence[RunSpec], key: str) -> tuple[torch.Tensor, torc
 
 def plot_reward_curves(specs: Sequence[RunSpec], reward_names: Sequence[str], out_dir: Path, smooth: int) -> list[Path]:
     """``curves_iteration.png`` and ``curves_wall.png``: one panel per objective, one line per scheme."""
-    from otca.diagnostics import _plt
+    from otca.diagnostics import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     by_scheme: dict[str, list[RunSpec]] = {}
     for s in specs:
         by_scheme.setdefault(s.scheme, []).append(s)
@@ -254,21 +259,26 @@ def provenance() -> dict[str, Any]:
 
 
 def _execute(configs: list, threads: int, jobs: int, report: Callable[[int, dict], None]) -> list[dict]:
-    """Run every config (``jobs`` processes side by side when > 1) and return the summaries in order."""
-    if jobs <= 1:
-        out = []
-        for i, cfg in enumerate(configs):
-            out.append(run_once(cfg, threads))
-            report(i, out[-1])
+    """Every config's summary, in order: finished runs are reused, the others trained (``jobs`` processes
+    side by side when > 1); ``report(i, summary)`` is called as each run finishes."""
+    out = [finished_summary(cfg) for cfg in configs]
+    todo = [i for i, s in enumerate(out) if s is None]
+    for i in range(len(configs)):
+        if out[i] is not None:
+            report(i, out[i])
+    if jobs <= 1 or len(todo) <= 1:
+        for i in todo:
+            out[i] = train_run(configs[i], threads)
+            report(i, out[i])
         return out
     # spawn, not fork: a forked process inherits torch's thread pools in an undefined state
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_once, cfg, threads) for cfg in configs]
-        out = []
-        for i, f in enumerate(futures):
-            out.append(f.result())
-            report(i, out[-1])
-        return out
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(train_run, configs[i], threads): i for i in todo}
+        for f in as_completed(futures):
+            i = futures[f]
+            out[i] = f.result()
+            report(i, out[i])
+    return out
 
 
 def compare(
@@ -276,33 +286,36 @@ def compare(
     overrides: Sequence[str] = (),
     *,
     schemes: Sequence[str] = DEFAULT_SCHEMES,
-    seeds: Sequence[int] | None = None,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
     out_dir: str | Path = "runs/compare",
     quick: bool = False,
-    jobs: int = 1,
+    jobs: int | None = None,
     threads: int = 1,
     smooth: int = 5,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, list[float]]]:
     """Train every scheme with every seed on one config and write the table, CSVs, curves and compare.json.
 
-    ``quick`` puts :data:`QUICK_OVERRIDES` before ``overrides`` and defaults ``seeds`` to :data:`QUICK_SEEDS`
-    (else :data:`DEFAULT_SEEDS`). ``jobs`` runs that many trainings side by side (separate processes,
-    ``threads`` torch threads each). Returns :func:`table_values`.
+    ``quick`` puts :data:`QUICK_OVERRIDES` before ``overrides``. ``jobs`` runs that many trainings side by
+    side (separate processes, ``threads`` torch threads each); None = one per CPU core: these small networks
+    gain little from a second thread, and oversubscribed threads on a busy machine are far slower (see
+    docs/results.md). Returns :func:`table_values`.
     """
+    jobs = jobs if jobs is not None else os.cpu_count() or 1
     if jobs < 1 or threads < 1:
         raise ValueError(f"compare: jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
     out = Path(out_dir)
-    seeds = tuple(seeds if seeds is not None else (QUICK_SEEDS if quick else DEFAULT_SEEDS))
+    seeds = tuple(seeds)
     overrides = [*(QUICK_OVERRIDES if quick else ()), *overrides]
     specs = plan_runs(schemes, seeds, out)
     configs = [run_config(config, overrides, s) for s in specs]  # every config error before any training
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    t0, done, where = time.time(), [], provenance()  # the code as it was when the runs started
 
     def report(i: int, summary: dict) -> None:
+        done.append(i)
         r = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in summary["eval_after"].items() if k.startswith("reward/"))
-        log(f"[{i + 1}/{len(specs)}] {specs[i].scheme} seed {specs[i].seed}: {summary['wall_seconds']:.0f} s; {r}")
+        log(f"[{len(done)}/{len(specs)}] {specs[i].scheme} seed {specs[i].seed}: {summary['wall_seconds']:.0f} s; {r}")
 
     summaries = dict(zip(specs, _execute(configs, threads, jobs, report)))
     values = table_values(summaries)
@@ -312,6 +325,6 @@ def compare(
     plot_reward_curves(specs, [r.name for r in configs[0].rewards], out, smooth)
     meta = {"config": config or "defaults", "overrides": list(overrides), "schemes": list(schemes),
             "seeds": list(seeds), "jobs": jobs, "threads_per_job": threads, "smooth": smooth,
-            "wall_seconds": time.time() - t0, **provenance()}
+            "wall_seconds": time.time() - t0, **where}
     (out / "compare.json").write_text(json.dumps(meta, indent=1))
     return values

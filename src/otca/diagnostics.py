@@ -30,7 +30,8 @@ def step_weight_profile(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return (weights * m).sum(0) / m.sum(0).clamp_min(1.0)
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,7 +42,7 @@ def _plt():
 
 def plot_curves(rows: list[dict], keys: Sequence[str], out_dir: Path, prefix: str = "curve") -> list[Path]:
     """One PNG per key: value against iteration (from the metrics.jsonl rows)."""
-    plt = _plt()
+    plt = pyplot()
     paths = []
     for key in keys:
         pts = [(r["iteration"], r[key]) for r in rows if key in r]
@@ -66,7 +67,7 @@ def plot_weight_heatmap(profiles: list[list[float]], path: Path) -> None:
     """Iterations x steps heatmap of the mean temporal weight (mean 1 = uniform broadcast)."""
     if not profiles:
         return
-    plt = _plt()
+    plt = pyplot()
     data = torch.tensor(profiles)  # [iters, T]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
@@ -81,7 +82,7 @@ def plot_weight_heatmap(profiles: list[list[float]], path: Path) -> None:
 
 def save_grid(pixels: torch.Tensor, prompts: Sequence[str], path: Path, per_row: int, title: str = "") -> None:
     """A grid of images ``[N, C, H, W]`` in [0, 1] (video: the middle frame), one prompt per row."""
-    plt = _plt()
+    plt = pyplot()
     if pixels.dim() == 5:  # [N, C, F, H, W]
         pixels = pixels[:, :, pixels.shape[2] // 2]
     n = pixels.shape[0]
