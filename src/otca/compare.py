@@ -44,6 +44,7 @@ QUICK_OVERRIDES = (
     "sampler.num_steps=6",
     "sampler.eval_steps=6",
     "eval.samples_per_prompt=2",
+    "plots=false",
 )
 BASE = "base"  # the table row of the untrained policy (eval before training)
 _SET_BY_COMPARE = ("train.scheme", "seed", "out_dir", "progress")

@@ -190,7 +190,8 @@ class Trainer:
         if self.info.is_main:
             self.log_eval(cfg.train.iterations, after.metrics)
             summary_path.write_text(json.dumps(summary, indent=1))
-            self.write_plots()
+            if cfg.plots:
+                self.write_plots()
         if self.writer is not None:
             self.writer.close()
         return summary
@@ -344,7 +345,7 @@ class Trainer:
                 num_steps=s.eval_steps, shift=s.shift, seed=e.seed, suite=e.metrics, micro_batch=self.cfg.train.micro_batch * 2,
                 velocity=self.model,
             )
-        if tag is not None and self.info.is_main:
+        if tag is not None and self.info.is_main and self.cfg.plots:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_grid(res.pixels, res.prompts, self.run_dir / f"samples_{tag}.png", per_row=e.samples_per_prompt * 2,
                       title=f"{tag} training ({self.cfg.train.scheme})")
