@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from otca.analysis import (
     ZSUM,
-    CreditTrace,
     Stat,
     analyze_credit,
     analyze_trace,

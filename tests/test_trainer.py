@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from otca.config import load_config
 from otca.rewards.base import RewardError
-from otca.rewards.registry import REWARDS, register_reward
+from otca.rewards.registry import register_reward
 from otca.trainer import Trainer
 
 TINY = [

@@ -272,7 +272,7 @@ class Trainer:
         and each loss is a sum over masked entries divided by the global count / world size, so the
         synchronised gradient is exactly the gradient of the global mean over trained (sample, step) pairs.
         """
-        t, s, info = self.cfg.train, self.cfg.sampler, self.info
+        t, info = self.cfg.train, self.info
         dev = info.device
         b, T = adv.shape
         adv, mask = adv.to(dev), mask.to(dev)
