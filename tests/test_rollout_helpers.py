@@ -24,3 +24,11 @@ def test_select_train_steps_random_counts_and_variety():
     assert (m.sum(1) == 9).all()  # floor(0.6 * 15)
     assert not m[:, 15].any()  # the last transition is never trained
     assert len({tuple(r.tolist()) for r in m}) > 1  # a different subset per sample
+
+
+def test_zero_variance_groups_counts_groups_constant_in_every_objective():
+    from otca.diagnostics import zero_variance_groups
+
+    rewards = torch.tensor([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [1.0, 3.0], [5.0, 5.0], [5.0, 5.0]])
+    group_ids = torch.tensor([0, 0, 1, 1, 2, 2])  # group 0 and 2 constant; group 1 varies in column 1
+    assert zero_variance_groups(rewards, group_ids) == 2

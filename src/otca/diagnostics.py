@@ -11,17 +11,16 @@ from typing import Sequence
 
 import torch
 
+from otca.credit.group import group_center
+
 
 def zero_variance_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> int:
     """Number of groups whose every objective is constant within the group (they get zero advantage).
 
-    rewards: [B, K]; group_ids: [B].
+    rewards: [B, K]; group_ids: [B]. Uses the credit core's own constant-group test.
     """
-    n = 0
-    for g in group_ids.unique():
-        r = rewards[group_ids == g]  # [G, K]
-        n += int(bool((r.max(0).values - r.min(0).values == 0).all()))
-    return n
+    constant = group_center(rewards, group_ids)[2].all(dim=1)  # [B]: the sample's group is constant in every column
+    return int(group_ids[constant].unique().numel())
 
 
 def step_weight_profile(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -33,15 +33,28 @@ def _digits_suite(pixels: torch.Tensor, prompts: Sequence[str], group_ids: torch
     return evaluate_digits(pixels, list(prompts), group_ids)
 
 
-def load_prompts(spec: str) -> list[str]:
-    """'digits:<split>' (the embedded world's vocabulary) or a text file with one prompt per line."""
-    if spec.startswith("digits:"):
-        from otca.worlds.digits.prompts import all_prompts
+# Built-in prompt sets, addressed as '<set>:<split>' (e.g. 'digits:train'): a function split -> prompts.
+PROMPT_SETS: Registry[Callable[[str], list[str]]] = Registry("prompt set")
 
-        return all_prompts(spec.split(":", 1)[1])
+
+@PROMPT_SETS.register("digits")
+def _digits_prompts(split: str) -> list[str]:
+    from otca.worlds.digits.prompts import all_prompts
+
+    return all_prompts(split)
+
+
+def load_prompts(spec: str) -> list[str]:
+    """'<set>:<split>' of a registered prompt set, or a text file with one prompt per line."""
+    name, _, split = spec.partition(":")
+    if split and name in PROMPT_SETS:
+        return PROMPT_SETS.get(name)(split)
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file '{path}' not found (expected a text file, one prompt per line, or 'digits:<split>')")
+        raise FileNotFoundError(
+            f"prompt file '{path}' not found (expected a text file, one prompt per line, or one of "
+            f"{', '.join(n + ':<split>' for n in PROMPT_SETS.names())})"
+        )
     prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file '{path}' has no prompts")

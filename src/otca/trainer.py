@@ -306,7 +306,7 @@ class Trainer:
         s, t = self.cfg.sampler, self.cfg.train
         x, x_next = traj.latents[mb, k], traj.latents[mb, k + 1]
         sig, sig_next = float(self.sigmas[k]), float(self.sigmas[k + 1])
-        v = self.model(x, self.sigmas[k].expand(x.shape[0]).to(x.device), cond[mb])
+        v = self.model(x, self._sigma(k, x), cond[mb])
         _, logp, mean, std = self.transition(x, v, sig, sig_next, eta=s.eta, prev=x_next)
         kl = None
         if self.ref is not None:
@@ -319,10 +319,14 @@ class Trainer:
             clip_range=t.clip_range, objective=t.objective, kl=kl, kl_coef=t.kl_coef, normalizer=normalizer,
         )
 
+    def _sigma(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Noise level of step k for every sample of ``x``: ``[b]`` on x's device."""
+        return self.sigmas[k].expand(x.shape[0]).to(x.device)
+
     def _ref_velocity(self, x: torch.Tensor, k: int, cond: Any) -> torch.Tensor:
         """Velocity of the initial policy: the trainable weights replaced by their snapshot for this call only."""
         ref = {f"policy.{n}": w for n, w in self.ref.items()}
-        sigma = self.sigmas[k].expand(x.shape[0]).to(x.device)
+        sigma = self._sigma(k, x)
         return torch.func.functional_call(self.velocity_module, ref, (x, sigma, cond), strict=False)
 
     def _optimizer_step(self) -> None:
