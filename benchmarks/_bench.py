@@ -11,8 +11,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -71,9 +71,9 @@ def fit_line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, floa
     n = len(x)
     mx, my = sum(x) / n, sum(y) / n
     sxx = sum((xi - mx) ** 2 for xi in x)
-    b = sum((xi - mx) * (yi - my) for xi, yi in zip(x, y)) / sxx
+    b = sum((xi - mx) * (yi - my) for xi, yi in zip(x, y, strict=True)) / sxx
     a = my - b * mx
-    ss_res = sum((yi - a - b * xi) ** 2 for xi, yi in zip(x, y))
+    ss_res = sum((yi - a - b * xi) ** 2 for xi, yi in zip(x, y, strict=True))
     ss_tot = sum((yi - my) ** 2 for yi in y)
     return a, b, 1 - ss_res / ss_tot if ss_tot > 0 else 1.0
 

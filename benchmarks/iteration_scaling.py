@@ -33,7 +33,7 @@ def iteration_seconds(config: str | None, overrides: list[str], repeats: int) ->
 
 def sweep(name: str, key: str, values: list[int], config: str | None, overrides: list[str], repeats: int) -> None:
     secs = [iteration_seconds(config, [*overrides, f"{key}={v}"], repeats) for v in values]
-    for v, s in zip(values, secs):
+    for v, s in zip(values, secs, strict=True):
         print(f"  {name}={v:<4} {s:8.3f} s/iteration")
     a, b, r2 = fit_line(values, secs)
     slope = fit_line([math.log(v) for v in values], [math.log(s) for s in secs])[1]

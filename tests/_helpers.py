@@ -7,7 +7,7 @@ another way, a re-evaluated log-density, gradients with checkpointing off.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -51,7 +51,7 @@ def rows(seed, n=7, T=9, ties=False):
 def test_pearson_matches_scipy_and_is_nan_on_a_constant_row():
     a, b = rows(0)
     got = pearson_rows(a, b)
-    want = [scipy.stats.pearsonr(x, y)[0] for x, y in zip(a.numpy(), b.numpy())]
+    want = [scipy.stats.pearsonr(x, y)[0] for x, y in zip(a.numpy(), b.numpy(), strict=True)]
     np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
     assert torch.isnan(pearson_rows(torch.ones(1, 5), torch.arange(5.0)[None]))[0]
 
@@ -61,21 +61,22 @@ def test_average_ranks_and_spearman_match_scipy_with_ties():
     for x in a:
         np.testing.assert_array_equal(average_ranks(x[None])[0].numpy(), scipy.stats.rankdata(x.numpy()))
     got = spearman_rows(a, b)
-    want = [scipy.stats.spearmanr(x, y)[0] for x, y in zip(a.numpy(), b.numpy())]
+    want = [scipy.stats.spearmanr(x, y)[0] for x, y in zip(a.numpy(), b.numpy(), strict=True)]
     np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
 
 
 def test_order_agreement_is_half_one_plus_kendall_tau_without_ties():
     a, b = rows(2)
-    want = [(1 + scipy.stats.kendalltau(x, y)[0]) / 2 for x, y in zip(a.numpy(), b.numpy())]
+    want = [(1 + scipy.stats.kendalltau(x, y)[0]) / 2 for x, y in zip(a.numpy(), b.numpy(), strict=True)]
     np.testing.assert_allclose(order_agreement_rows(a, b).numpy(), want, atol=1e-6)
 
 
 def test_order_agreement_with_ties_matches_a_loop_over_pairs():
     a, b = rows(3, ties=True)
-    sign = lambda v: (v > 0) - (v < 0)
+    def sign(v):
+        return (v > 0) - (v < 0)
     want = []
-    for x, y in zip(a.tolist(), b.tolist()):
+    for x, y in zip(a.tolist(), b.tolist(), strict=True):
         pairs = list(itertools.combinations(range(len(x)), 2))
         want.append(sum(sign(x[j] - x[k]) == sign(y[j] - y[k]) for j, k in pairs) / len(pairs))
     np.testing.assert_allclose(order_agreement_rows(a, b).numpy(), want)
@@ -88,7 +89,7 @@ def test_recall_at_k_by_hand_and_against_sets():
     assert recall_at_k_rows(a, b, 5).tolist() == [1.0]
     x, y = rows(4)
     for k in (1, 3, 5):
-        want = [len(set(np.argsort(-p)[:k]) & set(np.argsort(-q)[:k])) / k for p, q in zip(x.numpy(), y.numpy())]
+        want = [len(set(np.argsort(-p)[:k]) & set(np.argsort(-q)[:k])) / k for p, q in zip(x.numpy(), y.numpy(), strict=True)]
         np.testing.assert_allclose(recall_at_k_rows(x, y, k).numpy(), want)
     with pytest.raises(ValueError, match="recall@k: expected 1 <= k <= T=5, got k=6"):
         recall_at_k_rows(a, b, 6)

@@ -61,7 +61,7 @@ def test_vectorized_equals_literal_loop(K):
     A, lam = random_cases(600, K, seed=10 + K)
     c = moca_coefficients(A, lam)
     want = torch.tensor(
-        [alg1_loop(a, l) for a, l in zip(A.double().tolist(), lam.double().tolist())], dtype=torch.float64
+        [alg1_loop(a, l) for a, l in zip(A.double().tolist(), lam.double().tolist(), strict=True)], dtype=torch.float64
     )
     torch.testing.assert_close(c.double(), want, atol=1e-5, rtol=0)
     # same case decisions: identical support
@@ -138,10 +138,10 @@ def test_exploration_strength_by_hand():
     sd = 0.2  # unbiased std of [0.2, 0.4, 0.6]; the single-sample group has std 0
     e = [0.2 / (sd + eps), 0.4 / (sd + eps), 0.6 / (sd + eps), 1.0 / eps]
     gate = [1.5 / (1.5 + eps), 0.0, 0.2 / (0.2 + eps), 4 / (4 + eps)]  # relu(sum) / (|sum| + eps)
-    torch.testing.assert_close(lam, torch.tensor([g * math.tanh(x) for g, x in zip(gate, e)]))
+    torch.testing.assert_close(lam, torch.tensor([g * math.tanh(x) for g, x in zip(gate, e, strict=True)]))
     centred = exploration_strength(A, q, group_ids, eps=eps, center=True)
     e_c = [0.2 / (sd + eps), 0.0, 0.2 / (sd + eps), 0.0]
-    torch.testing.assert_close(centred, torch.tensor([g * math.tanh(x) for g, x in zip(gate, e_c)]))
+    torch.testing.assert_close(centred, torch.tensor([g * math.tanh(x) for g, x in zip(gate, e_c, strict=True)]))
     pop = exploration_strength(A, q, group_ids, eps=eps, std="population")
     sd_p = math.sqrt(0.08 / 3)
     torch.testing.assert_close(pop[0], torch.tensor(gate[0] * math.tanh(0.2 / (sd_p + eps))))

@@ -208,6 +208,6 @@ def test_pretraining_is_deterministic_and_learns(tmp_path):
         assert (tmp_path / "0" / name).read_bytes() == (tmp_path / "1" / name).read_bytes()
     trained = load_digits_policy(tmp_path / "0")
     fresh = build_digits_policy()
-    changed = [not torch.equal(p, q) for p, q in zip(trained.parameters(), fresh.parameters())]
+    changed = [not torch.equal(p, q) for p, q in zip(trained.parameters(), fresh.parameters(), strict=True)]
     assert any(changed)  # both networks moved away from their seeded init (text encoder included)
     assert not torch.equal(trained.text.token_embedding.weight, fresh.text.token_embedding.weight)

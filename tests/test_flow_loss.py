@@ -109,7 +109,7 @@ def test_masked_entries_contribute_nothing_even_inf_and_nan(objective):
     (log_probs, old, adv, mask, kl), clean, clean_grad = _kl_loss_and_grad(objective, seed=2, kl_coef=0.5)
 
     poisoned = [t.detach().clone() for t in (log_probs, old, adv, kl)]
-    for t, bad in zip(poisoned, (math.inf, -math.inf, math.nan, math.nan)):
+    for t, bad in zip(poisoned, (math.inf, -math.inf, math.nan, math.nan), strict=True):
         t[~mask] = bad
     lp_bad = poisoned[0].requires_grad_(True)
     loss, m = policy_loss(lp_bad, poisoned[1], poisoned[2], mask, objective=objective, kl=poisoned[3], kl_coef=0.5)

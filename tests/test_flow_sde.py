@@ -105,7 +105,7 @@ def test_sde_with_g_equal_eta_coincide():
     x, v = _latents()
     flow = flow_sde_step(x, v, 0.5, 0.3, eta=0.6, noise=torch.zeros_like(x))
     dance = dance_sde_step(x, v, 0.5, 0.3, eta=0.6, noise=torch.zeros_like(x))
-    for a, b in zip(flow, dance):
+    for a, b in zip(flow, dance, strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -280,7 +280,7 @@ def _aesthetic_head(dim: int) -> OrderedDict:
     g = torch.Generator().manual_seed(3)
     sizes = [dim, 32, 8, 4, 2, 1]  # the real head is 768-1024-128-64-16-1 at indices 0, 2, 4, 6, 7
     head = OrderedDict()
-    for idx, (i, o) in zip((0, 2, 4, 6, 7), zip(sizes, sizes[1:])):
+    for idx, (i, o) in zip((0, 2, 4, 6, 7), zip(sizes, sizes[1:], strict=False), strict=True):
         head[f"layers.{idx}.weight"] = torch.randn(o, i, generator=g) / i**0.5
         head[f"layers.{idx}.bias"] = torch.randn(o, generator=g)
     return head
@@ -505,7 +505,7 @@ def imagereward_state(vocab_rows: int, seed: int = 1) -> OrderedDict:
                    **ln(p + "output.LayerNorm.", tw)})
     sd.update({**lin("blip.vision_proj.", 8, w), **lin("blip.text_proj.", 8, tw)})
     sizes = [tw, 32, 8, 4, 2, 1]
-    for idx, (i, o) in zip((0, 2, 4, 6, 7), zip(sizes, sizes[1:])):
+    for idx, (i, o) in zip((0, 2, 4, 6, 7), zip(sizes, sizes[1:], strict=False), strict=True):
         sd.update(lin(f"mlp.layers.{idx}.", o, i))
     return sd
 

@@ -76,8 +76,10 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path):
     assert wa.keys() == wb.keys()
     for n in wa:
         assert torch.equal(wa[n], wb[n]), n
-    rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda r: {k: v for k, v in r.items() if k != "wall_seconds"}
+    def rows(d):
+        return [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    def strip(r):
+        return {k: v for k, v in r.items() if k != "wall_seconds"}
     assert [strip(r) for r in rows(full.run_dir)] == [strip(r) for r in rows(part.run_dir)]
 
 

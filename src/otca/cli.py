@@ -149,10 +149,10 @@ def cmd_analyze_credit(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    import torch
+
     from otca.worlds.digits.judges import train_judges
     from otca.worlds.digits.pretrain import pretrain_generator
-
-    import torch
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

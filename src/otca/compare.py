@@ -23,11 +23,12 @@ import platform
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -214,7 +215,7 @@ def plot_reward_curves(specs: Sequence[RunSpec], reward_names: Sequence[str], ou
     paths = []
     for axis, label in (("iteration", "iteration"), ("wall", "training wall time after iteration 0 (s, mean over seeds)")):
         fig, axes = plt.subplots(1, len(reward_names), figsize=(4.2 * len(reward_names), 3.2), dpi=100, squeeze=False)
-        for ax, name in zip(axes[0], reward_names):
+        for ax, name in zip(axes[0], reward_names, strict=True):
             for scheme, runs in by_scheme.items():
                 values, wall = curve_arrays(runs, f"reward/{name}")  # [seeds, n] each
                 y = trailing_mean(values, smooth)  # [seeds, n]
@@ -318,7 +319,7 @@ def compare(
         r = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in summary["eval_after"].items() if k.startswith("reward/"))
         log(f"[{len(done)}/{len(specs)}] {specs[i].scheme} seed {specs[i].seed}: {summary['wall_seconds']:.0f} s; {r}")
 
-    summaries = dict(zip(specs, _execute(configs, threads, jobs, report)))
+    summaries = dict(zip(specs, _execute(configs, threads, jobs, report), strict=True))
     values = table_values(summaries)
     (out / "table.md").write_text(format_markdown(values) + "\n")
     write_csv(values, out / "table.csv")

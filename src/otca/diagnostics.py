@@ -6,8 +6,8 @@ Plots use matplotlib's file backend and are written by the main process only.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -48,7 +48,7 @@ def plot_curves(rows: list[dict], keys: Sequence[str], out_dir: Path, prefix: st
         if not pts:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-        it, val = zip(*pts)
+        it, val = zip(*pts, strict=True)
         ax.plot(it, val, lw=1.2)
         ax.set_xlabel("iteration")
         ax.set_ylabel(key)

@@ -6,9 +6,9 @@ Eval-only metric suites are registered by name (``register_eval_suite``) and tak
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 

@@ -6,7 +6,8 @@ A duplicate name raises; an unknown name is a one-line error that lists the know
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

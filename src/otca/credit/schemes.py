@@ -14,8 +14,9 @@ trainer only ever calls ``get_scheme(name)(inputs, config)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -94,7 +95,7 @@ class CreditInputs:
         T = m.shape[1]
         s = self.sigmas
         _require(s.shape == (T + 1,), "sigmas", f"shape [{T + 1}] (T+1 for the mask's T)", list(s.shape))
-        _require(bool(((s[:-1] > s[1:]).all() & (s[0] <= 1) & (s[-1] >= 0))), "sigmas",
+        _require(bool((s[:-1] > s[1:]).all() & (s[0] <= 1) & (s[-1] >= 0)), "sigmas",
                  "strictly decreasing values in [0, 1]", s.tolist())
         if self.gains is not None:
             _require(self.gains.shape == (B, T), "gains", f"shape [{B}, {T}]", list(self.gains.shape))
@@ -294,7 +295,7 @@ def credit_metrics(
         **{f"share/{name}": share[k] for k, name in enumerate(names)},
         **aggregate.metrics,
     }
-    return dict(zip(values, torch.stack([v.float().reshape(()) for v in values.values()]).tolist()))
+    return dict(zip(values, torch.stack([v.float().reshape(()) for v in values.values()]).tolist(), strict=True))
 
 
 def compose_scheme(weighter: TemporalWeighter, aggregator: Aggregator) -> CreditScheme:

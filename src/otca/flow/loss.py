@@ -5,7 +5,7 @@ the fused per-sample advantage before temporal weighting, so nothing is clipped 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -123,4 +123,4 @@ def _metrics(
     ]
     if kl is not None:
         values.append(kl.detach()[mask].mean())
-    return {**dict(zip(names, torch.stack(values).tolist())), "num_trained": float(count)}
+    return {**dict(zip(names, torch.stack(values).tolist(), strict=True)), "num_trained": float(count)}

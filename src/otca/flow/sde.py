@@ -23,8 +23,9 @@ Flow-SDE (Flow-GRPO) ``g = eta * sqrt(sigma / (1 - sigma))``; Dance-SDE (DanceGR
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 

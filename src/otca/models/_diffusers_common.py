@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import string
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Literal, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -76,7 +77,7 @@ def parse_options(schema: type[O], options: dict[str, Any]) -> O:
         raise ConfigError(format_validation_error(e, "model.options")) from None
 
 
-def model_dir(cfg: "ModelConfig") -> Path:
+def model_dir(cfg: ModelConfig) -> Path:
     """``cfg.path`` as an existing local directory, or a one-line error naming the model kind and the path."""
     if cfg.path is None:
         raise FileNotFoundError(
@@ -119,7 +120,7 @@ def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return module
 
 
-def prepare_denoisers(denoisers: Iterable[torch.nn.Module], cfg: "ModelConfig") -> None:
+def prepare_denoisers(denoisers: Iterable[torch.nn.Module], cfg: ModelConfig) -> None:
     """Apply ``cfg.gradient_checkpointing`` and ``cfg.lora`` to the trained networks (in place).
 
     LoRA weights are kept in fp32 whatever the base dtype (peft's ``autocast_adapter_dtype``, which
@@ -139,7 +140,7 @@ def prepare_denoisers(denoisers: Iterable[torch.nn.Module], cfg: "ModelConfig") 
                     p.data = p.data.float()
 
 
-def tiny_and_path_exclusive(cfg: "ModelConfig", tiny: bool) -> None:
+def tiny_and_path_exclusive(cfg: ModelConfig, tiny: bool) -> None:
     """Tiny random weights and a model directory exclude each other (one-line error naming both)."""
     if tiny and cfg.path is not None:
         raise ValueError(
@@ -177,7 +178,7 @@ class BuildInputs(Generic[D]):
 
 
 def build_diffusers_policy(
-    cfg: "ModelConfig",
+    cfg: ModelConfig,
     device: torch.device,
     policy_cls: type[DiffusersPolicy],
     schema: type[D],
@@ -225,7 +226,7 @@ class FrozenTextEncoders(torch.nn.Module):
                 f"{type(self).__name__}: expected {len(names)} encoders and tokenizers ({', '.join(names)}), "
                 f"got {len(encoders)} and {len(tokenizers)}"
             )
-        for name, encoder in zip(names, encoders):
+        for name, encoder in zip(names, encoders, strict=True):
             self.add_module(name, freeze(encoder))
         self.tokenizers = tuple(tokenizers)
         self.max_sequence_length = max_sequence_length
@@ -525,7 +526,7 @@ class DiffusersPolicy(torch.nn.Module):
         parts = (self.text, getattr(self, "vae", None), getattr(self, "codec", None))
         return [m for m in parts if isinstance(m, torch.nn.Module)]
 
-    def train(self, mode: bool = True) -> "DiffusersPolicy":
+    def train(self, mode: bool = True) -> DiffusersPolicy:
         super().train(mode)
         for m in self._frozen():
             m.eval()

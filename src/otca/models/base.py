@@ -6,7 +6,8 @@ and the evaluation only ever call these methods, so a new model family is one ne
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 

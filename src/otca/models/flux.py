@@ -329,7 +329,7 @@ def flux_policy_from_components(inputs: BuildInputs[FluxOptions]) -> FluxPolicy:
 
 
 @register_policy("flux")
-def build_flux(cfg: "ModelConfig", device: torch.device) -> FluxPolicy:
+def build_flux(cfg: ModelConfig, device: torch.device) -> FluxPolicy:
     """Model kind ``flux``: a local FLUX.1 diffusers directory at ``cfg.path`` (or ``options.tiny``), with
     ``cfg.lora`` and gradient checkpointing on the transformer only, weights and text encoders in ``cfg.dtype``."""
     return build_diffusers_policy(

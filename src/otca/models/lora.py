@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from otca.config import LoraConfig
 
 
-def add_lora(module: torch.nn.Module, cfg: "LoraConfig") -> torch.nn.Module:
+def add_lora(module: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     """Inject LoRA adapters (peft) into ``module`` in place; afterwards only LoRA weights require grad."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model

@@ -6,7 +6,8 @@ imports happen inside the builder, so only the chosen model family is imported.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 # Modules that register more adapters, imported on first look-up (each imports its heavy modules lazily).
 _PROVIDERS = ("otca.models.flux", "otca.models.sd3", "otca.models.wan")
 
-POLICIES: Registry[Callable[["ModelConfig", torch.device], FlowPolicy]] = Registry("model kind", providers=_PROVIDERS)
+POLICIES: Registry[Callable[[ModelConfig, torch.device], FlowPolicy]] = Registry("model kind", providers=_PROVIDERS)
 
 
 def register_policy(name: str):
@@ -27,7 +28,7 @@ def register_policy(name: str):
     return POLICIES.register(name)
 
 
-def build_policy(cfg: "ModelConfig", device: torch.device) -> FlowPolicy:
+def build_policy(cfg: ModelConfig, device: torch.device) -> FlowPolicy:
     return POLICIES.get(cfg.kind)(cfg, device)
 
 
@@ -36,7 +37,7 @@ def policy_kinds() -> list[str]:
 
 
 @register_policy("digits-flux")
-def _digits_flux(cfg: "ModelConfig", device: torch.device) -> FlowPolicy:
+def _digits_flux(cfg: ModelConfig, device: torch.device) -> FlowPolicy:
     """The embedded default: the tiny FLUX on digits, from the weights shipped in the package."""
     from otca.worlds.digits.policy import load_digits_policy
 

@@ -237,7 +237,7 @@ def sd3_policy_from_components(inputs: BuildInputs[SD3Options]) -> SD3Policy:
 
 
 @register_policy("sd3")
-def build_sd3(cfg: "ModelConfig", device: torch.device) -> SD3Policy:
+def build_sd3(cfg: ModelConfig, device: torch.device) -> SD3Policy:
     """Model kind ``sd3``: a local SD3/SD3.5 diffusers directory at ``cfg.path`` (or ``options.tiny``), with
     ``cfg.lora`` and gradient checkpointing on the transformer, weights and text encoders in ``cfg.dtype``."""
     return build_diffusers_policy(cfg, device, SD3Policy, SD3Options, tiny_sd3_components, sd3_policy_from_components)

@@ -295,7 +295,7 @@ def wan_policy_from_components(inputs: BuildInputs[WanOptions], boundary_ratio: 
 
 
 @register_policy("wan")
-def build_wan(cfg: "ModelConfig", device: torch.device) -> WanPolicy:
+def build_wan(cfg: ModelConfig, device: torch.device) -> WanPolicy:
     """Model kind ``wan``: a local Wan 2.1/2.2 T2V diffusers directory at ``cfg.path`` (or ``options.tiny``), with
     ``cfg.lora`` and gradient checkpointing on every expert, weights and text encoder in ``cfg.dtype``."""
     return build_diffusers_policy(cfg, device, WanPolicy, WanOptions, tiny_wan_components, wan_policy_from_components)

@@ -8,7 +8,7 @@ with dropouts and no activations. The prompt is not used.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

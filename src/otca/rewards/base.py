@@ -6,7 +6,8 @@ fails (raises, or returns a non-finite score) fails the step loudly: it never si
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 

@@ -11,9 +11,10 @@ CLIP of ``options.tiny``) are shared by PickScore, HPSv2.1 and the LAION aesthet
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 

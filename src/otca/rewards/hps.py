@@ -69,7 +69,7 @@ def _block_keys(prefix: str, rest: str, value: torch.Tensor) -> dict[str, torch.
     """CLIPModel entries for one residual-block tensor (``rest`` is the name inside the block)."""
     if rest.startswith("attn.in_proj_"):
         kind = rest[len("attn.in_proj_") :]  # weight | bias; rows stacked q, k, v (nn.MultiheadAttention)
-        return {f"{prefix}self_attn.{n}_proj.{kind}": part for n, part in zip("qkv", value.chunk(3, dim=0))}
+        return {f"{prefix}self_attn.{n}_proj.{kind}": part for n, part in zip("qkv", value.chunk(3, dim=0), strict=True)}
     for src, dst in _BLOCK:
         if rest.startswith(src):
             return {prefix + dst + rest[len(src) :]: value}

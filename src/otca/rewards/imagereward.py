@@ -20,8 +20,8 @@ Images: Resize(224, bicubic) on the short side, CenterCrop(224), OpenAI CLIP sta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -183,7 +183,7 @@ def tiny_blip_tokenizer():
     return add_blip_tokens(transformers_module().BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}))
 
 
-def tiny_imagereward(name: str, seed: int, device: str, dtype: torch.dtype, batch_size: int) -> "ImageReward":
+def tiny_imagereward(name: str, seed: int, device: str, dtype: torch.dtype, batch_size: int) -> ImageReward:
     """The test/demo twin: ImageReward's structure (BLIP ViT whose tokens a cross-attending BERT reads, an
     activation-free head on the [CLS] state) at width 32, random and seeded. Its scores mean nothing."""
     tf = transformers_module()

@@ -9,7 +9,7 @@ can change with the libjpeg build that Pillow ships: compare scores within one e
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image

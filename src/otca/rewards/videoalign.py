@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -315,7 +315,7 @@ class VideoAlignScorer:
         factor = self.proc["patch_size"] * self.proc["merge_size"]
         size = smart_resize(h, w, factor, _VIDEO_MIN_PIXELS, self.spec.max_pixels)
         patches, grids, texts = [], [], []
-        for video, prompt in zip(videos, prompts):
+        for video, prompt in zip(videos, prompts, strict=True):
             frames = resize_frames(video[:, idx].transpose(0, 1), size)  # [n, 3, h', w']
             x, grid = patchify(normalize(frames, self.proc["image_mean"], self.proc["image_std"]),
                                self.proc["temporal_patch_size"], self.proc["patch_size"], self.proc["merge_size"])
@@ -373,7 +373,7 @@ class VideoAlignScorer:
 def _same_inputs(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(
         x.keys() == y.keys() and all(x[k].shape == y[k].shape and torch.equal(x[k], y[k]) for k in x)
-        for x, y in zip(a, b)
+        for x, y in zip(a, b, strict=True)
     )
 
 

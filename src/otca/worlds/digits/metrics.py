@@ -11,9 +11,9 @@ All take ``pixels [B, 1, 16, 16]`` in [0, 1] on any device.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 

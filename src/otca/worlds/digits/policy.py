@@ -8,8 +8,9 @@ config, vocabulary included). :func:`save_digits_generator` writes exactly what 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -54,7 +54,7 @@ def sample_prompts(
     drop = torch.rand(len(labels), generator=generator) < dropout  # [B]
     return [
         "" if dropped else phrasings[int(y)][int(k) % len(phrasings[int(y)])]
-        for y, k, dropped in zip(labels, pick, drop)
+        for y, k, dropped in zip(labels, pick, drop, strict=True)
     ]
 
 
@@ -62,7 +62,7 @@ def sample_prompts(
 def ema_update(ema: list[torch.Tensor], params: list[torch.nn.Parameter], step: int, decay: float) -> None:
     """EMA of the weights with warm-up ``min(decay, (1 + step) / (10 + step))``: early steps are not frozen in."""
     d = min(decay, (1.0 + step) / (10.0 + step))
-    for e, p in zip(ema, params):
+    for e, p in zip(ema, params, strict=True):
         e.lerp_(p, 1.0 - d)
 
 
@@ -117,7 +117,7 @@ def pretrain_generator(
             log(f"pretrain step {step}: loss {recent:.4f} ({time.perf_counter() - start:.0f} s)")
 
     with torch.no_grad():
-        for p, e in zip(params, ema):
+        for p, e in zip(params, ema, strict=True):
             p.copy_(e)
     tail = losses[-min(len(losses), 50):] or [float("nan")]
     record = {

@@ -11,8 +11,8 @@ Every reward reads ``[B, 1, 16, 16]`` pixels in [0, 1] on any device and returns
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

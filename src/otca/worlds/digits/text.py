@@ -52,7 +52,7 @@ class TextEncoderConfig:
     """Size P of the pooled vector (the transformer's pooled_projection_dim)."""
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TextEncoderConfig":
+    def from_dict(cls, d: dict) -> TextEncoderConfig:
         return cls(**{**d, "vocab": tuple(d["vocab"])})
 
     def to_dict(self) -> dict:
