@@ -15,8 +15,8 @@ import torch
 from otca.cli import main
 from otca.config import RunConfig, load_config
 from otca.evaluate import load_prompts
-from otca.models._diffusers_common import parse_options
 from otca.models.flux import FluxOptions
+from otca.models.options import parse_options
 from otca.models.registry import build_policy
 from otca.models.sd3 import SD3Options
 from otca.models.wan import WanOptions

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from otca.config import LoraConfig
-from otca.models._diffusers_common import PromptEmbeddingCache
 from otca.models.base import FlowPolicy
+from otca.models.embedding_cache import PromptEmbeddingCache
 from otca.models.flux import FluxCond, FluxPolicy, latent_image_ids, pack_latents, unpack_latents
 from otca.models.lora import add_lora
 

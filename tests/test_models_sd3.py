@@ -23,17 +23,12 @@ from _helpers import (
 )
 from otca.config import ConfigError, ModelConfig
 from otca.flow import flow_sde_step
-from otca.models._diffusers_common import (
-    BuildInputs,
-    PromptEmbeddingCache,
-    save_components,
-    save_prompt_embeddings,
-    tiny_clip_tokenizer,
-    tiny_t5_tokenizer,
-)
 from otca.models.base import FlowPolicy
+from otca.models.build import BuildInputs, save_components
+from otca.models.embedding_cache import PromptEmbeddingCache, save_prompt_embeddings
 from otca.models.registry import build_policy, policy_kinds
 from otca.models.sd3 import SD3Cond, SD3Options, SD3Policy, sd3_policy_from_components, tiny_sd3_components
+from otca.testing.models import tiny_clip_tokenizer, tiny_t5_tokenizer
 
 torch.set_num_threads(1)
 

@@ -24,8 +24,8 @@ from _helpers import (
 )
 from otca.config import ConfigError, LoraConfig, ModelConfig
 from otca.flow import flow_sde_step
-from otca.models._diffusers_common import BuildInputs, save_components
 from otca.models.base import FlowPolicy
+from otca.models.build import BuildInputs, save_components
 from otca.models.registry import build_policy
 from otca.models.wan import (
     WanCond,
@@ -107,7 +107,9 @@ def test_clean_prompt():
 def test_text_padding_is_zero_and_matches_the_encoder(cfg_policy):
     text = cfg_policy.text
     emb = cfg_policy.embed_prompts(PROMPTS)["prompt_embeds"]  # [3, 24, 32]
-    tok = text.tokenizers[0](PROMPTS, padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt")
+    tok = text.tokenizers[0](
+        PROMPTS, padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt"
+    )
     n = tok.attention_mask.sum(1)  # tokens per prompt, eos included
     assert emb.shape == (3, TEXT_TOKENS, 32) and (n < TEXT_TOKENS).all()
     with torch.no_grad():

@@ -23,29 +23,27 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from pydantic import Field
 
-from otca.models._diffusers_common import (
-    BatchedCond,
-    BuildInputs,
-    DiffusersOptions,
-    DiffusersPolicy,
-    FrozenTextEncoders,
-    TextFn,
-    build_diffusers_policy,
-    cast_module,
+from otca.models.build import BuildInputs, build_diffusers_policy
+from otca.models.conditioning import BatchedCond, FrozenTextEncoders, TextFn
+from otca.models.diffusers_policy import DiffusersPolicy
+from otca.models.guidance import guided_forward
+from otca.models.options import DiffusersOptions
+from otca.models.prepare import cast_module, freeze
+from otca.models.registry import register_policy
+from otca.models.vae import (
     check_pixel_size,
     decode_scaled_latents,
     encode_scaled_latents,
-    freeze,
     frozen_vae,
-    guided_forward,
+    vae_scale_factor,
+)
+from otca.testing.models import (
     tiny_autoencoder_kl,
     tiny_clip_text_model,
     tiny_clip_tokenizer,
     tiny_t5_encoder,
     tiny_t5_tokenizer,
-    vae_scale_factor,
 )
-from otca.models.registry import register_policy
 
 if TYPE_CHECKING:
     from otca.config import ModelConfig

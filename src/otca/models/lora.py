@@ -17,7 +17,9 @@ def add_lora(module: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
 
     for p in module.parameters():
         p.requires_grad_(False)
-    peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules), init_lora_weights=True)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules), init_lora_weights=True
+    )
     inject_adapter_in_model(peft_cfg, module)
     n = sum(p.numel() for name, p in module.named_parameters() if "lora_" in name and p.requires_grad)
     if n == 0:

@@ -19,28 +19,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import Field
 
-from otca.models._diffusers_common import (
-    BatchedCond,
-    BuildInputs,
-    DiffusersOptions,
-    DiffusersPolicy,
-    FrozenTextEncoders,
-    PromptEmbeddingCache,
-    build_diffusers_policy,
-    cast_module,
-    check_pixel_size,
-    decode_scaled_latents,
-    frozen_vae,
-    guided_forward,
-    sigma_to_timestep,
+from otca.models.build import BuildInputs, build_diffusers_policy
+from otca.models.conditioning import BatchedCond, FrozenTextEncoders
+from otca.models.diffusers_policy import DiffusersPolicy
+from otca.models.embedding_cache import PromptEmbeddingCache
+from otca.models.guidance import guided_forward, sigma_to_timestep
+from otca.models.options import DiffusersOptions
+from otca.models.prepare import cast_module
+from otca.models.registry import register_policy
+from otca.models.vae import check_pixel_size, decode_scaled_latents, frozen_vae, vae_scale_factor
+from otca.testing.models import (
     tiny_autoencoder_kl,
     tiny_clip_text_model,
     tiny_clip_tokenizer,
     tiny_t5_encoder,
     tiny_t5_tokenizer,
-    vae_scale_factor,
 )
-from otca.models.registry import register_policy
 
 if TYPE_CHECKING:
     from otca.config import ModelConfig
@@ -73,7 +67,8 @@ class SD3TextEncoder(FrozenTextEncoders):
     text_parts = SD3_TEXT_PARTS  # CLIP-L, CLIP-G, then T5
 
     def _clip(self, tokenizer: Any, encoder: torch.nn.Module, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Penultimate hidden states ``[B, 77, H]`` (the pipeline's ``clip_skip=None``) and the projection ``[B, P_i]``."""
+        """Penultimate hidden states ``[B, 77, H]`` (the pipeline's ``clip_skip=None``) and the projection
+        ``[B, P_i]``."""
         ids = tokenizer(
             prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids  # [B, 77]

@@ -29,25 +29,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import Field
 
-from otca.models._diffusers_common import (
-    TIMESTEP_SCALE,
-    BatchedCond,
-    BuildInputs,
-    DiffusersOptions,
-    DiffusersPolicy,
-    FrozenTextEncoders,
-    PromptEmbeddingCache,
-    build_diffusers_policy,
-    cast_module,
-    check_pixel_size,
-    frozen_vae,
-    guided_forward,
-    sigma_to_timestep,
-    tiny_t5_encoder,
-    tiny_t5_tokenizer,
-    vae_to_unit,
-)
+from otca.models.build import BuildInputs, build_diffusers_policy
+from otca.models.conditioning import BatchedCond, FrozenTextEncoders
+from otca.models.diffusers_policy import DiffusersPolicy
+from otca.models.embedding_cache import PromptEmbeddingCache
+from otca.models.guidance import TIMESTEP_SCALE, guided_forward, sigma_to_timestep
+from otca.models.options import DiffusersOptions
+from otca.models.prepare import cast_module
 from otca.models.registry import register_policy
+from otca.models.vae import check_pixel_size, frozen_vae, vae_to_unit
+from otca.testing.models import tiny_t5_encoder, tiny_t5_tokenizer
 
 if TYPE_CHECKING:
     from otca.config import ModelConfig

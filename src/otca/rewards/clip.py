@@ -62,7 +62,7 @@ def tiny_clip(seed: int, hidden_act: str, device: str, dtype: torch.dtype):
     ``laion-aesthetic`` share one backbone as they do with real weights. ``hidden_act``: quick_gelu for OpenAI
     CLIP, gelu for open_clip ViT-H (HPS).
     """
-    from otca.models._diffusers_common import tiny_clip_tokenizer
+    from otca.testing.models import tiny_clip_tokenizer
 
     tf = transformers_module()
     tok = tiny_clip_tokenizer()

@@ -453,7 +453,7 @@ def tiny_videoalign_scorer(seed: int, source_fps: float, device: str, dtype: tor
     """The test/demo twin behind ``options.tiny``: a random Qwen2-VL (2 decoder layers of width 32, a 2-block
     vision tower with 14 px patches, 2x2 merge, temporal patch 2) with a random 3-output reward head, a
     byte-level BPE with the reward tokens, raw (unnormalized) scores. Its scores mean nothing."""
-    from otca.models._diffusers_common import byte_alphabet
+    from otca.testing.models import byte_alphabet
 
     tf = transformers_module()
     tok = tf.Qwen2Tokenizer(vocab={s: i for i, s in enumerate(byte_alphabet())}, merges=[])
