@@ -211,3 +211,100 @@ def test_pretraining_is_deterministic_and_learns(tmp_path):
     changed = [not torch.equal(p, q) for p, q in zip(trained.parameters(), fresh.parameters(), strict=True)]
     assert any(changed)  # both networks moved away from their seeded init (text encoder included)
     assert not torch.equal(trained.text.token_embedding.weight, fresh.text.token_embedding.weight)
+
+
+# --- model kind 'digits-flux': the same options and preparation path as the diffusers kinds ---------------------
+
+
+def _build(**model):
+    from otca.config import ModelConfig
+    from otca.models.registry import build_policy
+
+    return build_policy(ModelConfig(**model), torch.device("cpu"))
+
+
+KIND_PROMPTS = ["a handwritten seven", "digit 3", "the digit zero"]
+KIND_SIGMAS = torch.tensor([0.9, 0.5, 0.1])
+
+
+def _direct_velocity(x, sigma, prompts):
+    """The shipped networks built directly from the asset files (no adapter, no registry) and called by hand:
+    FLUX's 2x2 token packing, text ids of zeros, image ids (0, row, col), timestep sigma (the transformer
+    multiplies by 1000 itself)."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    from otca.worlds.digits.text import TextEncoderConfig
+
+    transformer = FluxTransformer2DModel.from_config(json.loads((ASSETS_DIR / FLUX_CONFIG).read_text())["transformer"])
+    transformer.load_state_dict(load_file(ASSETS_DIR / FLUX_WEIGHTS))
+    text = DigitsTextEncoder(TextEncoderConfig.from_dict(json.loads((ASSETS_DIR / TEXT_CONFIG).read_text())))
+    text.load_state_dict(load_file(ASSETS_DIR / TEXT_WEIGHTS))
+    transformer.eval(), text.eval()
+    b, c, h, w = x.shape
+    tokens = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, 4 * c)
+    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+    with torch.no_grad():
+        emb = text(prompts)
+        out = transformer(
+            hidden_states=tokens, encoder_hidden_states=emb["prompt_embeds"], pooled_projections=emb["pooled"],
+            timestep=sigma, img_ids=img_ids, txt_ids=torch.zeros(emb["prompt_embeds"].shape[1], 3), return_dict=False,
+        )[0]
+    return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def test_default_kind_is_the_shipped_network_bit_for_bit():
+    policy = _build()
+    x = policy.init_latents(3, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v = policy.velocity(x, KIND_SIGMAS, policy.encode(KIND_PROMPTS))
+    torch.testing.assert_close(v, _direct_velocity(x, KIND_SIGMAS, KIND_PROMPTS), rtol=0, atol=0)
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == {
+        "transformer." + n for n, _ in policy.transformer.named_parameters()
+    }
+
+
+def test_unknown_or_bad_option_is_a_one_line_error_naming_it():
+    from otca.config import ConfigError
+
+    with pytest.raises(ConfigError, match="guidance_scal") as e:
+        _build(options={"guidance_scal": 2.0})
+    assert "\n" not in str(e.value) and "model.options" in str(e.value)
+    with pytest.raises(ConfigError, match="true_cfg_scale"):
+        _build(options={"true_cfg_scale": 0.5})
+
+
+def test_options_reach_the_policy_and_tiny_is_a_seeded_fresh_network(tmp_path):
+    policy = _build(options={"true_cfg_scale": 2.0, "negative_prompt": "digit 1"})
+    assert policy.true_cfg_scale == 2.0 and policy.negative_prompt == "digit 1"
+    fresh, same, other = (_build(options={"tiny": True, "seed": s}) for s in (3, 3, 4))
+    ref = build_digits_policy(seed=3)
+    for a, b in ((fresh, ref), (same, ref)):
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not torch.equal(fresh.transformer.proj_out.weight, other.transformer.proj_out.weight)
+    with pytest.raises(ValueError, match="model.path"):
+        _build(path=str(tmp_path), options={"tiny": True})
+
+
+def test_lora_and_checkpointing_as_for_flux():
+    from _helpers import check_checkpointing_keeps_gradients, check_full_and_lora_trainables
+
+    sigmas = KIND_SIGMAS
+    check_full_and_lora_trainables(lambda **kw: _build(**kw), KIND_PROMPTS, sigmas)
+    check_checkpointing_keeps_gradients(lambda **kw: _build(**kw), KIND_PROMPTS, sigmas)
+
+
+def test_lora_weights_stay_fp32_over_a_bf16_network():
+    from otca.config import LoraConfig
+
+    policy = _build(dtype="bfloat16", lora=LoraConfig(rank=2))
+    trained = dict((n, p) for n, p in policy.named_parameters() if p.requires_grad)
+    assert trained and all(".lora_" in n and p.dtype == torch.float32 for n, p in trained.items())
+    frozen = [p.dtype for n, p in policy.transformer.named_parameters() if not p.requires_grad]
+    assert set(frozen) == {torch.bfloat16}
+    x = policy.init_latents(3, torch.Generator().manual_seed(0))
+    v = policy.velocity(x, KIND_SIGMAS, policy.encode(KIND_PROMPTS))
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    v.square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained.values())

@@ -22,26 +22,19 @@ EvalSuite = Callable[[torch.Tensor, Sequence[str], torch.Tensor], dict[str, floa
 EVAL_SUITES: Registry[EvalSuite] = Registry("eval metric suite")
 
 
-def register_eval_suite(name: str):
+def register_eval_suite(name: str) -> Callable[[EvalSuite], EvalSuite]:
+    """Decorator for an eval-only metric suite ``(pixels, prompts, group_ids) -> {metric: value}``."""
     return EVAL_SUITES.register(name)
 
 
-@register_eval_suite("digits")
-def _digits_suite(pixels: torch.Tensor, prompts: Sequence[str], group_ids: torch.Tensor) -> dict[str, float]:
-    from otca.worlds.digits.metrics import evaluate_digits
-
-    return evaluate_digits(pixels, list(prompts), group_ids)
+# Prompt sets by name, addressed as '<set>:<split>': a function split -> prompts (a world registers its own).
+PromptSet = Callable[[str], list[str]]
+PROMPT_SETS: Registry[PromptSet] = Registry("prompt set")
 
 
-# Built-in prompt sets, addressed as '<set>:<split>' (e.g. 'digits:train'): a function split -> prompts.
-PROMPT_SETS: Registry[Callable[[str], list[str]]] = Registry("prompt set")
-
-
-@PROMPT_SETS.register("digits")
-def _digits_prompts(split: str) -> list[str]:
-    from otca.worlds.digits.prompts import all_prompts
-
-    return all_prompts(split)
+def register_prompt_set(name: str) -> Callable[[PromptSet], PromptSet]:
+    """Decorator for a prompt set ``split -> prompts``, then addressed as ``'<name>:<split>'``."""
+    return PROMPT_SETS.register(name)
 
 
 def load_prompts(spec: str) -> list[str]:

@@ -1,15 +1,43 @@
 """A named registry: the one mechanism behind every extension point (credit schemes, rewards, policies).
 
 A duplicate name raises; an unknown name is a one-line error that lists the known ones.
+
+Worlds are plugins: a package declares a module under the entry-point group ``otca.worlds`` (in its
+``pyproject.toml``: ``[project.entry-points."otca.worlds"] name = "package.module"``), and that module registers
+what the world provides (model kinds, rewards, prompt sets, eval suites) when imported. Every registry imports all
+worlds once before its first look-up, so the core never names a world and a user's own package can add one.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+WORLDS_GROUP = "otca.worlds"
+_worlds_loaded = False
+
+
+def load_worlds() -> list[str]:
+    """Import every module declared under the entry-point group ``otca.worlds`` (once per process; later calls
+    do nothing) and return the names of the worlds found. A world that fails to import fails loudly, naming
+    its entry point."""
+    global _worlds_loaded
+    if _worlds_loaded:
+        return []
+    _worlds_loaded = True  # before importing: a world's own look-ups must not load the worlds again
+    names = []
+    for ep in importlib.metadata.entry_points(group=WORLDS_GROUP):
+        try:
+            importlib.import_module(ep.value.partition(":")[0])
+        except Exception as e:
+            raise ImportError(f"world '{ep.name}' (entry point {ep.value!r} of group {WORLDS_GROUP}) failed to import: "
+                              f"{type(e).__name__}: {e}") from e
+        names.append(ep.name)
+    return sorted(set(names))
 
 
 class UnknownNameError(KeyError):
@@ -21,7 +49,8 @@ class UnknownNameError(KeyError):
 
 class Registry(Generic[T]):
     """Objects by name. ``providers`` are modules that register more entries when imported; they are imported
-    on the first look-up, so heavy optional modules load only when something asks for a name."""
+    on the first look-up, so heavy optional modules load only when something asks for a name. The worlds
+    (:func:`load_worlds`) are imported before any look-up too."""
 
     def __init__(self, kind: str, providers: tuple[str, ...] = ()):
         self.kind = kind
@@ -30,6 +59,7 @@ class Registry(Generic[T]):
         self._loaded = not providers
 
     def _load_providers(self) -> None:
+        load_worlds()
         if self._loaded:
             return
         self._loaded = True
@@ -56,7 +86,8 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise UnknownNameError(f"unknown {self.kind} '{name}': known are {', '.join(sorted(self._items))}") from None
+            known = ", ".join(sorted(self._items))
+            raise UnknownNameError(f"unknown {self.kind} '{name}': known are {known}") from None
 
     def names(self) -> list[str]:
         self._load_providers()

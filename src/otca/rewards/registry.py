@@ -11,7 +11,6 @@ from otca.rewards.base import Reward
 # Modules that register rewards, imported on first look-up so that heavy backbones load only when asked for.
 _PROVIDERS = (
     "otca.rewards.jpeg",
-    "otca.worlds.digits.rewards",
     "otca.rewards.clip",
     "otca.rewards.pickscore",
     "otca.rewards.aesthetic",

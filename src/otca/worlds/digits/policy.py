@@ -3,6 +3,9 @@
 The shipped weights live in ``src/otca/assets``: ``digits_flux.{safetensors,json}`` (the transformer and its
 diffusers config, plus how it was pretrained) and ``digits_text.{safetensors,json}`` (the text encoder and its
 config, vocabulary included). :func:`save_digits_generator` writes exactly what :func:`load_digits_policy` reads.
+
+Model kind ``digits-flux`` (:func:`build_digits_flux`) goes through the same options parsing and the same
+preparation of the trained network (gradient checkpointing, LoRA kept in fp32) as the diffusers kinds.
 """
 
 from __future__ import annotations
@@ -10,11 +13,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
+from pydantic import Field
 
+from otca.models.build import tiny_and_path_exclusive
 from otca.models.flux import FluxPolicy
+from otca.models.options import AdapterOptions, parse_options
+from otca.models.prepare import prepare_denoisers
 from otca.worlds.digits.text import DigitsTextEncoder, TextEncoderConfig, prompt_vocabulary
 from otca.worlds.digits.vae import PixelCodec
 
@@ -22,6 +29,9 @@ ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 FLUX_WEIGHTS, FLUX_CONFIG = "digits_flux.safetensors", "digits_flux.json"
 TEXT_WEIGHTS, TEXT_CONFIG = "digits_text.safetensors", "digits_text.json"
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from otca.config import ModelConfig
 
 # Real CFG off by default: the base model must leave headroom for RL (see the guidance table in
 # tests/test_digits_policy.py); raise it to get cleaner, better-aligned digits.
@@ -163,3 +173,33 @@ def load_digits_policy(
         transformer, text_encoder, true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt,
         device=device, dtype=dtype,
     )
+
+
+class DigitsOptions(AdapterOptions):
+    """``model.options`` of model kind ``digits-flux`` (weights: ``model.path``, a folder of the four asset files
+    written by ``otca pretrain``; unset for the shipped ones)."""
+
+    true_cfg_scale: float = Field(DEFAULT_TRUE_CFG, ge=1)
+    """Real classifier-free guidance against negative_prompt, on when > 1; off by default (see DEFAULT_TRUE_CFG)."""
+    negative_prompt: str = ""
+    """The unconditional prompt of classifier-free guidance."""
+    tiny: bool = False
+    """Freshly initialised (untrained) digits networks instead of pretrained weights; model.path must be unset."""
+    seed: int = 0
+    """Seed of the fresh networks with tiny (the global RNG is left untouched)."""
+
+
+def build_digits_flux(cfg: ModelConfig, device: torch.device) -> FluxPolicy:
+    """Model kind ``digits-flux``: the digits policy from ``cfg.path`` (default: the shipped weights), or fresh
+    networks with ``options.tiny``; the transformer in ``cfg.dtype`` with ``cfg.gradient_checkpointing`` and
+    ``cfg.lora`` (:func:`~otca.models.prepare.prepare_denoisers`), the text encoder frozen in fp32."""
+    opts = parse_options(DigitsOptions, cfg.options)
+    tiny_and_path_exclusive(cfg, opts.tiny)
+    dtype = getattr(torch, cfg.dtype)
+    common = dict(true_cfg_scale=opts.true_cfg_scale, negative_prompt=opts.negative_prompt, dtype=dtype)
+    if opts.tiny:
+        policy = digits_policy(*digits_networks(opts.seed), **common)
+    else:
+        policy = load_digits_policy(cfg.path, **common)
+    prepare_denoisers(policy.denoisers(), cfg)
+    return policy.to(device)
