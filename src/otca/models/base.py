@@ -16,7 +16,7 @@ import torch
 class FlowPolicy(Protocol):
     """A flow-matching generator seen as a policy over latents.
 
-    Conventions (see DESIGN.md): sigma in [0, 1], 1 = pure noise, 0 = data; the network predicts the
+    Conventions (see docs/design.md): sigma in [0, 1], 1 = pure noise, 0 = data; the network predicts the
     velocity ``v = noise - x0`` so that an Euler step is ``x + (sigma_next - sigma) * v``.
     """
 
