@@ -10,11 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _helpers import CPU, check_checkpointing_keeps_gradients, check_resampled_ratio_is_one, latents
+from _helpers import (
+    CPU,
+    check_checkpointing_keeps_gradients,
+    check_flow_policy_contract,
+    check_resampled_ratio_is_one,
+    latents,
+)
 from otca.config import ConfigError, LoraConfig, ModelConfig, load_config
 from otca.flow import dance_sde_step, make_sigmas
 from otca.models._diffusers_common import BuildInputs, PromptEmbeddingCache, save_components
-from otca.models.base import FlowPolicy
 from otca.models.flux import (
     FLUX_DEV_GUIDANCE,
     FluxOptions,
@@ -50,9 +55,11 @@ def policy(flux_dir) -> FluxPolicy:
 
 
 def test_registered_loaded_from_disk_with_the_twin_weights(policy):
-    assert "flux" in policy_kinds() and isinstance(policy, FlowPolicy)
+    assert "flux" in policy_kinds()
+    check_flow_policy_contract(policy, PROMPTS, torch.tensor([1.0, 0.6, 0.2]))
     twin, loaded = tiny_flux_components(0), policy.state_dict()
-    for name, prefix in (("transformer", "transformer."), ("vae", "codec.vae."), ("text_encoder_2", "text.text_encoder_2.")):
+    parts = (("transformer", "transformer."), ("vae", "codec.vae."), ("text_encoder_2", "text.text_encoder_2."))
+    for name, prefix in parts:
         saved = twin[name].state_dict()
         assert all(torch.equal(t, loaded[prefix + k]) for k, t in saved.items()), name
     assert isinstance(policy.text, FluxTextEncoder) and isinstance(policy.codec, VaeCodec)
@@ -199,7 +206,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(flux_dir):
 
 def test_precomputed_embeddings_stand_in_for_the_text_encoders(policy, flux_dir, tmp_path):
     path = policy.save_prompt_embeddings(PROMPTS, tmp_path / "emb.safetensors", batch_size=2)
-    cached = build_policy(ModelConfig(kind="flux", path=str(flux_dir), options={**OPTIONS, "embeddings": str(path)}), CPU)
+    options = {**OPTIONS, "embeddings": str(path)}
+    cached = build_policy(ModelConfig(kind="flux", path=str(flux_dir), options=options), CPU)
     assert isinstance(cached.text, PromptEmbeddingCache)
     assert not any(n.startswith("text.") for n, _ in cached.named_parameters())  # encoders never loaded
     x, s = latents(policy), torch.tensor([0.9, 0.5, 0.1])

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from _helpers import (
     CPU,
     check_checkpointing_keeps_gradients,
+    check_flow_policy_contract,
     check_full_and_lora_trainables,
     check_resampled_ratio_is_one,
     check_same_policy,
@@ -31,7 +32,6 @@ from otca.models._diffusers_common import (
     tiny_clip_tokenizer,
     tiny_t5_tokenizer,
 )
-from otca.models.base import FlowPolicy
 from otca.models.registry import build_policy, policy_kinds
 from otca.models.sd3 import SD3Cond, SD3Options, SD3Policy, sd3_policy_from_components, tiny_sd3_components
 
@@ -63,7 +63,7 @@ SIGMAS = torch.tensor([1.0, 0.6, 0.2])
 
 def test_registered_and_a_flow_policy(plain_policy):
     assert {"sd3", "wan"} <= set(policy_kinds())
-    assert isinstance(plain_policy, FlowPolicy)
+    check_flow_policy_contract(plain_policy, PROMPTS, SIGMAS)
 
 
 def test_velocity_shape_equals_latent_shape(cfg_policy):

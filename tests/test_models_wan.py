@@ -16,6 +16,7 @@ import torch
 from _helpers import (
     CPU,
     check_checkpointing_keeps_gradients,
+    check_flow_policy_contract,
     check_full_and_lora_trainables,
     check_resampled_ratio_is_one,
     check_same_policy,
@@ -25,7 +26,6 @@ from _helpers import (
 from otca.config import ConfigError, LoraConfig, ModelConfig
 from otca.flow import flow_sde_step
 from otca.models._diffusers_common import BuildInputs, save_components
-from otca.models.base import FlowPolicy
 from otca.models.registry import build_policy
 from otca.models.wan import (
     WanCond,
@@ -68,7 +68,7 @@ def plain_policy() -> WanPolicy:
 
 
 def test_velocity_shape_equals_latent_shape(cfg_policy):
-    assert isinstance(cfg_policy, FlowPolicy)
+    check_flow_policy_contract(cfg_policy, PROMPTS, SIGMAS)
     x = latents(cfg_policy)
     # [B, z_dim, 1 + (5 - 1) / 4, 32 / 8, 32 / 8]
     assert x.shape == (3, 16, 2, 4, 4) and x.dtype == torch.float32
@@ -107,7 +107,9 @@ def test_clean_prompt():
 def test_text_padding_is_zero_and_matches_the_encoder(cfg_policy):
     text = cfg_policy.text
     emb = cfg_policy.embed_prompts(PROMPTS)["prompt_embeds"]  # [3, 24, 32]
-    tok = text.tokenizers[0](PROMPTS, padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt")
+    tok = text.tokenizers[0](
+        PROMPTS, padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt"
+    )
     n = tok.attention_mask.sum(1)  # tokens per prompt, eos included
     assert emb.shape == (3, TEXT_TOKENS, 32) and (n < TEXT_TOKENS).all()
     with torch.no_grad():
