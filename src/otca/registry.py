@@ -56,7 +56,8 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise UnknownNameError(f"unknown {self.kind} '{name}': known are {', '.join(sorted(self._items))}") from None
+            known = ", ".join(sorted(self._items))
+            raise UnknownNameError(f"unknown {self.kind} '{name}': known are {known}") from None
 
     def names(self) -> list[str]:
         self._load_providers()
