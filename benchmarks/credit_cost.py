@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from functools import partial
 
 import torch
 
@@ -50,7 +51,10 @@ def sweep(args, latent: tuple[int, ...], device: torch.device) -> None:
             latents, final, rewards, group_ids, sigmas = synthetic_rollout(B, T, lat, args.K, args.group, device)
             inputs = CreditInputs.from_trajectory(rewards, group_ids, latents, final, sigmas)
             for n, scheme in schemes.items():
-                fn = (lambda: tcd_gains(latents, final)) if scheme is None else (lambda s=scheme: s(inputs, CreditConfig()))
+                if scheme is None:
+                    fn = partial(tcd_gains, latents, final)
+                else:
+                    fn = partial(scheme, inputs, CreditConfig())
                 costs[n].append(median_ms(fn, args.repeats, device))
             print(f"{axis:<16}{value:>9}" + "".join(f"{costs[n][-1]:>14.3f}" for n in schemes))
         xs = [math.log(v) for v, _ in points]
@@ -88,9 +92,9 @@ def main() -> None:
     print(f"{'scheme':<12}{'credit only (ms)':>18}{'with gains (ms)':>18}")
     for name in scheme_names():
         scheme = get_scheme(name)
-        alone = median_ms(lambda: scheme(inputs, config), args.repeats, device)
+        alone = median_ms(partial(scheme, inputs, config), args.repeats, device)
         whole = median_ms(
-            lambda: scheme(CreditInputs.from_trajectory(rewards, group_ids, latents, final, sigmas), config),
+            lambda s=scheme: s(CreditInputs.from_trajectory(rewards, group_ids, latents, final, sigmas), config),
             args.repeats,
             device,
         )

@@ -98,3 +98,29 @@ def check_resampled_ratio_is_one(policy, prompts: list[str], step: Callable, eta
     ratio.sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
     policy.zero_grad(set_to_none=True)
+
+
+def check_flow_policy_contract(policy, prompts: list[str], sigmas: torch.Tensor) -> None:
+    """What the FlowPolicy protocol promises, by behaviour (a runtime ``isinstance`` only sees method names):
+    one generator per sample, a velocity per sample (a batch row equals the sample alone; sigma and prompt
+    matter), deterministic decoding that depends on the latent, and trainable parameters the velocity depends
+    on. ``prompts``: distinct, one per sample; ``sigmas [len(prompts)]``."""
+    n = len(prompts)
+    x = policy.init_latents(n, [torch.Generator().manual_seed(100 + i) for i in range(n)])  # [n, *latent]
+    alone = policy.init_latents(1, [torch.Generator().manual_seed(100 + n - 1)])
+    assert torch.equal(alone[0], x[-1]) and not torch.equal(x[0], x[1])
+    cond = policy.encode(prompts)
+    with torch.no_grad():
+        v = policy.velocity(x, sigmas, cond)
+        assert v.shape == x.shape and torch.isfinite(v).all()
+        torch.testing.assert_close(policy.velocity(x[-1:], sigmas[-1:], cond[-1:]), v[-1:], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(policy.velocity(x, sigmas * 0.5, cond), v, atol=1e-4)
+        assert not torch.allclose(policy.velocity(x, sigmas, policy.encode(prompts[::-1])), v, atol=1e-4)
+        pixels = policy.decode(x)
+        assert pixels.shape[0] == n and torch.equal(policy.decode(x), pixels) and not torch.equal(pixels[0], pixels[1])
+    params = list(policy.trainable_parameters())
+    assert params and all(p.requires_grad for p in params)
+    policy.velocity(x, sigmas, cond).square().mean().backward()
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+    for p in params:
+        p.grad = None

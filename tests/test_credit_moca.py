@@ -61,7 +61,8 @@ def test_vectorized_equals_literal_loop(K):
     A, lam = random_cases(600, K, seed=10 + K)
     c = moca_coefficients(A, lam)
     want = torch.tensor(
-        [alg1_loop(a, l) for a, l in zip(A.double().tolist(), lam.double().tolist(), strict=True)], dtype=torch.float64
+        [alg1_loop(a, la) for a, la in zip(A.double().tolist(), lam.double().tolist(), strict=True)],
+        dtype=torch.float64,
     )
     torch.testing.assert_close(c.double(), want, atol=1e-5, rtol=0)
     # same case decisions: identical support

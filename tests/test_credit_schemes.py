@@ -127,7 +127,8 @@ def test_flow_grpo_hand_checked_group_and_batch_std():
     g1 = (s[3:] - 4) / (s[3:].std(unbiased=False) + 1e-4)
     torch.testing.assert_close(out.per_sample, torch.cat([g0, g1]))
     torch.testing.assert_close(out.coefficients, torch.tensor([[1 / 3, 2 / 3]]).expand(6, 2))
-    batch = get_scheme("flow-grpo")(hand_inputs(reward_weights=torch.tensor([1.0, 2.0])), cfg.model_copy(update={"batch_std": True}))
+    inputs = hand_inputs(reward_weights=torch.tensor([1.0, 2.0]))
+    batch = get_scheme("flow-grpo")(inputs, cfg.model_copy(update={"batch_std": True}))
     sd = s.std(unbiased=False)
     torch.testing.assert_close(batch.per_sample, torch.cat([s[:3] - 4, s[3:] - 4]) / (sd + 1e-4))
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _helpers import CPU, latents
+from _helpers import CPU, check_flow_policy_contract, latents
 from otca.config import ModelConfig
-from otca.models.base import FlowPolicy
 from otca.models.registry import build_policy
 from otca.rewards._common import FrameMean
 from otca.rewards.base import RewardSet
@@ -107,7 +106,8 @@ def test_tiny_tokenizers_tokenize_for_real():
 def test_tiny_and_a_path_exclude_each_other(name):
     with pytest.raises(ValueError) as e:
         build_reward(name, tiny=True, path="/data/weights")
-    assert str(e.value) == f"reward '{name}': options.tiny builds a random backbone in-process; leave options.path unset"
+    want = f"reward '{name}': options.tiny builds a random backbone in-process; leave options.path unset"
+    assert str(e.value) == want
 
 
 # ----------------------------------------------------------------------------------------- frames of videos
@@ -163,7 +163,7 @@ def test_video_to_an_image_reward_without_frames_is_still_an_error():
 )
 def test_tiny_generator_twins_are_flow_policies(kind, options, latent, pixels):
     policy = build_policy(ModelConfig(kind=kind, options={"tiny": True, "max_sequence_length": 8, **options}), CPU)
-    assert isinstance(policy, FlowPolicy)
+    check_flow_policy_contract(policy, PROMPTS[:3], torch.tensor([1.0, 0.6, 0.2]))
     x = latents(policy, 2)
     assert x.shape == (2, *latent)
     with torch.no_grad():

@@ -6,7 +6,7 @@ training reward, and compare the per-step reward gains ``dR`` with TCD's similar
     R[i, k, j] = reward_j(decode(predict_x0(latents[i, k], v(latents[i, k], sigma_k), sigma_k)))   k = 0..T
     dR[i, k, j] = R[i, k+1, j] - R[i, k, j]                                 # transition k, like dS (Eq. 7)
 
-``dS`` is :func:`otca.credit.tcd_gains` on the same trajectories (our reading of Eq. 7, DESIGN.md). What
+``dS`` is :func:`otca.credit.tcd_gains` on the same trajectories (our reading of Eq. 7, docs/design.md). What
 is decoded is a registered *view* of each state (:data:`VIEWS`): ``x0`` (default) the clean prediction above,
 which a reward model can judge at any noise level, or ``state`` the noisy state itself, the paper's literal
 "decode the intermediate latent Z_t" (its reward then mostly measures how much noise is left). The

@@ -1,4 +1,4 @@
-"""The ``otca`` command line: train, eval, sample, pretrain, compare, analyze-credit.
+"""The ``otca`` command line: train, eval, sample, pretrain, compare, analyze-credit, config.
 
     otca train                                   # the embedded default with OTCA
     otca train --config FILE key=value ...       # a config file plus overrides
@@ -7,6 +7,7 @@
     otca sample RUN_DIR --prompt "a handwritten seven"
     otca compare [--schemes grpo,otca] [--seeds 0,1] [--quick] [key=value ...]     # schemes x seeds, one table
     otca analyze-credit [--run RUN_DIR | --config FILE] [key=value ...]            # is dS a proxy? (paper 6.1)
+    otca config [--config FILE] [key=value ...]  # the resolved config as YAML, every field's docstring above it
     torchrun --nproc_per_node 2 -m otca train    # the same on several processes
 """
 
@@ -19,7 +20,9 @@ from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="otca", description="GRPO post-training of flow-matching generators with per-step, per-objective credit.")
+    p = argparse.ArgumentParser(
+        prog="otca", description="GRPO post-training of flow-matching generators with per-step, per-objective credit."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a policy (default: the embedded tiny FLUX on digits, with OTCA)")
@@ -29,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a run's latest weights on its eval prompts")
     e.add_argument("run_dir")
-    e.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. eval.samples_per_prompt=8)")
+    e.add_argument(
+        "overrides", nargs="*", help="key=value overrides of the run's config (e.g. eval.samples_per_prompt=8)"
+    )
 
     s = sub.add_parser("sample", help="sample images from a run's latest weights")
     s.add_argument("run_dir")
@@ -38,13 +43,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="PNG path (default: RUN_DIR/sample.png)")
 
-    c = sub.add_parser("compare", help="train several credit schemes over several seeds with identical compute; one table")
+    c = sub.add_parser(
+        "compare", help="train several credit schemes over several seeds with identical compute; one table"
+    )
     c.add_argument("--config", help="YAML config file shared by every run (default: the embedded default)")
-    c.add_argument("--schemes", default=None, help="comma-separated schemes (default: grpo,flow-grpo,tcd,moca,otca,pcpo)")
+    c.add_argument(
+        "--schemes", default=None, help="comma-separated schemes (default: grpo,flow-grpo,tcd,moca,otca,pcpo)"
+    )
     c.add_argument("--seeds", default=None, help="comma-separated run seeds (default: 0,1)")
     c.add_argument("--quick", action="store_true", help="CI-sized runs (a few iterations, small batch, few steps)")
     c.add_argument("--out", default="runs/compare", help="comparison directory (runs go to OUT/<scheme>/seed-<s>)")
-    c.add_argument("--jobs", type=int, default=None, help="runs trained side by side in separate processes (default: one per CPU core)")
+    c.add_argument(
+        "--jobs", type=int, default=None,
+        help="runs trained side by side in separate processes (default: one per CPU core)",
+    )
     c.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     c.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the reward curves (iterations)")
     c.add_argument("overrides", nargs="*", help="key=value overrides applied to every run, e.g. train.iterations=20")
@@ -52,14 +64,25 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze-credit", help="correlate TCD's similarity gains with per-step reward gains (paper 6.1)")
     src = a.add_mutually_exclusive_group()
     src.add_argument("--run", metavar="RUN_DIR", help="a run: its config.yaml and latest checkpoint")
-    src.add_argument("--config", help="a config whose policy (base weights) is analysed (default: the embedded default)")
+    src.add_argument(
+        "--config", help="a config whose policy (base weights) is analysed (default: the embedded default)"
+    )
     a.add_argument("--trajectories", type=int, default=512, help="sampled trajectories to analyse")
     a.add_argument("--view", default="x0", help="what is decoded at each state: x0 (clean prediction) or state")
     a.add_argument("--examples", type=int, default=6, help="example trajectories in the Fig. 6-style plot")
     a.add_argument("--out", help="output folder (default: RUN_DIR/credit_analysis or runs/credit-analysis)")
     a.add_argument("overrides", nargs="*", help="key=value overrides of the config (e.g. seed=1 sampler.eta=0.3)")
 
-    pt = sub.add_parser("pretrain", help="retrain the embedded default's base model, text encoder and judges from scratch")
+    cf = sub.add_parser(
+        "config",
+        help="print the config as YAML with every field's docstring (no arguments: the defaults = configs/digits.yaml)",
+    )
+    cf.add_argument("--config", help="YAML config file to resolve (default: the defaults)")
+    cf.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.scheme=grpo")
+
+    pt = sub.add_parser(
+        "pretrain", help="retrain the embedded default's base model, text encoder and judges from scratch"
+    )
     pt.add_argument("--out", default="pretrained", help="output folder for the weights")
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these tiny networks)")
@@ -131,7 +154,8 @@ def _csv(text: str | None, cast=str) -> list | None:
 def cmd_compare(args) -> int:
     from otca.compare import DEFAULT_SCHEMES, DEFAULT_SEEDS, compare
 
-    compare(args.config, args.overrides, schemes=_csv(args.schemes) or DEFAULT_SCHEMES, seeds=_csv(args.seeds, int) or DEFAULT_SEEDS,
+    schemes, seeds = _csv(args.schemes) or DEFAULT_SCHEMES, _csv(args.seeds, int) or DEFAULT_SEEDS
+    compare(args.config, args.overrides, schemes=schemes, seeds=seeds,
             out_dir=args.out, quick=args.quick, jobs=args.jobs, threads=args.threads, smooth=args.smooth)
     print((Path(args.out) / "table.md").read_text())
     print(f"comparison directory: {args.out}")
@@ -163,6 +187,16 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from otca.config import default_config_yaml, load_config, render_config
+
+    if args.config is None and not args.overrides:
+        sys.stdout.write(default_config_yaml())
+    else:
+        sys.stdout.write(render_config(load_config(args.config, args.overrides)))
+    return 0
+
+
 def _print_table(before: dict, after: dict) -> None:
     keys = list(after)
     w = max(len(k) for k in keys)
@@ -182,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     handler = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "pretrain": cmd_pretrain,
-               "compare": cmd_compare, "analyze-credit": cmd_analyze_credit}[args.command]
+               "compare": cmd_compare, "analyze-credit": cmd_analyze_credit, "config": cmd_config}[args.command]
     try:
         return handler(args)
     except (ConfigError, CheckpointError, RewardError, FileNotFoundError, UnknownNameError, ValueError) as e:

@@ -31,7 +31,7 @@ def seeded_generator(*key: int) -> torch.Generator:
 
 @dataclass
 class Trajectory:
-    """A batch of sampled trajectories (denoising order, see DESIGN.md conventions)."""
+    """A batch of sampled trajectories (denoising order, see the conventions in docs/design.md)."""
 
     latents: torch.Tensor  # [B, T+1, *latent]: index 0 = initial noise, k -> k+1 is transition k
     log_probs: torch.Tensor  # [B, T] fp32: log-density of transition k under the sampling policy

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,7 +78,8 @@ class CreditInputs:
     mask: torch.Tensor  # [B, T] bool: the trained steps
     sigmas: torch.Tensor  # [T+1] the sampler's schedule, decreasing from noise (1) to data (0)
     gains: torch.Tensor | None = None  # [B, T] TCD gains dS_k
-    reward_weights: torch.Tensor | None = None  # [K] objective weights beta (linear aggregators: sum_k beta_k A_k; MOCA scales A_k by beta_k)
+    # [K] objective weights beta (linear aggregators: sum_k beta_k A_k; MOCA scales A_k by beta_k)
+    reward_weights: torch.Tensor | None = None
     reward_names: tuple[str, ...] | None = None  # K names used in the metrics (share/<name>); default "0".."K-1"
 
     def __post_init__(self) -> None:
@@ -216,7 +217,7 @@ def _reward_weights(inputs: CreditInputs, config: CreditConfig) -> torch.Tensor:
     return inputs.rewards.new_ones(inputs.rewards.shape[1], dtype=torch.float32)
 
 
-def _normalization(config: CreditConfig, std: str, eps: float) -> dict:
+def _normalization(config: CreditConfig, std: str, eps: float) -> dict[str, Any]:
     """Group-normalisation options: the config's where set, else the scheme's peer convention."""
     return {
         "std": config.std or std,
@@ -225,7 +226,9 @@ def _normalization(config: CreditConfig, std: str, eps: float) -> dict:
     }
 
 
-def linear_aggregator(combine: Callable, *, std: str, eps: float) -> Aggregator:
+def linear_aggregator(
+    combine: Callable[..., tuple[torch.Tensor, torch.Tensor]], *, std: str, eps: float
+) -> Aggregator:
     """An aggregator from ``combine(rewards, group_ids, beta, std=, eps=, scope=) -> (z [B], A [B, K])`` (see
     :mod:`otca.credit.group`) with the peer's default ``std`` and ``eps``; its coefficients are ``beta / sum beta``."""
 

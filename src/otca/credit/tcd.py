@@ -1,6 +1,6 @@
 """Trajectory-Level Credit Decomposition (TCD), paper Sec. 3.2, Eq. 6-8.
 
-Our reading (DESIGN.md): transition ``k`` maps ``latents[:, k] -> latents[:, k+1]``; its gain is how much it
+Our reading (docs/design.md): transition ``k`` maps ``latents[:, k] -> latents[:, k+1]``; its gain is how much it
 raises the cosine similarity to the decoded ``final`` latent, ``dS_k = S_{k+1} - S_k``. This is the paper's
 ``S_t - S_{t+1}`` with ``t`` counting down, the reading under which "a larger dS is a larger increase in
 alignment" holds. Eq. 8 turns gains into weights summing to 1 over the trained steps; the floor ``w_min``
@@ -29,7 +29,8 @@ def similarity_to_final(latents: torch.Tensor, final: torch.Tensor) -> torch.Ten
     f = final.detach().reshape(B, -1, 1).float()  # [B, D, 1]
     dot = torch.bmm(z, f).squeeze(2)  # [B, T+1]
     norms = torch.linalg.vector_norm(z, dim=2) * torch.linalg.vector_norm(f, dim=(1, 2)).unsqueeze(1)  # [B, T+1]
-    return dot / norms.clamp_min(torch.finfo(torch.float32).tiny)  # [B, T+1]
+    cos: torch.Tensor = dot / norms.clamp_min(torch.finfo(torch.float32).tiny)  # [B, T+1]
+    return cos
 
 
 def tcd_gains(latents: torch.Tensor, final: torch.Tensor) -> torch.Tensor:

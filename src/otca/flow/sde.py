@@ -1,7 +1,7 @@
 """Sampler transitions over a flow-matching velocity: the SDE steps the policy samples with, their Gaussian
 log-densities, the deterministic Euler (ODE) step, and the KL between two transitions.
 
-Conventions (DESIGN.md): sigma 1 = noise, 0 = data; ``z_sigma = (1 - sigma) x0 + sigma * eps`` and the network
+Conventions (docs/design.md): sigma 1 = noise, 0 = data; ``z_sigma = (1 - sigma) x0 + sigma * eps`` and the network
 predicts ``v = eps - x0``. ``x, v: [B, *latent]`` in any dtype; ``sigma, sigma_next``: python floats or ``[B]``
 tensors, broadcast over the latent dims. All math runs in float32; sampled states come back in ``x``'s dtype.
 
