@@ -19,7 +19,9 @@ from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="otca", description="GRPO post-training of flow-matching generators with per-step, per-objective credit.")
+    p = argparse.ArgumentParser(
+        prog="otca", description="GRPO post-training of flow-matching generators with per-step, per-objective credit."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a policy (default: the embedded tiny FLUX on digits, with OTCA)")
@@ -29,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a run's latest weights on its eval prompts")
     e.add_argument("run_dir")
-    e.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. eval.samples_per_prompt=8)")
+    e.add_argument("overrides", nargs="*",
+                   help="key=value overrides of the run's config (e.g. eval.samples_per_prompt=8)")
 
     s = sub.add_parser("sample", help="sample images from a run's latest weights")
     s.add_argument("run_dir")
@@ -38,13 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="PNG path (default: RUN_DIR/sample.png)")
 
-    c = sub.add_parser("compare", help="train several credit schemes over several seeds with identical compute; one table")
+    c = sub.add_parser("compare",
+                       help="train several credit schemes over several seeds with identical compute; one table")
     c.add_argument("--config", help="YAML config file shared by every run (default: the embedded default)")
-    c.add_argument("--schemes", default=None, help="comma-separated schemes (default: grpo,flow-grpo,tcd,moca,otca,pcpo)")
+    c.add_argument("--schemes", default=None,
+                   help="comma-separated schemes (default: grpo,flow-grpo,tcd,moca,otca,pcpo)")
     c.add_argument("--seeds", default=None, help="comma-separated run seeds (default: 0,1)")
     c.add_argument("--quick", action="store_true", help="CI-sized runs (a few iterations, small batch, few steps)")
     c.add_argument("--out", default="runs/compare", help="comparison directory (runs go to OUT/<scheme>/seed-<s>)")
-    c.add_argument("--jobs", type=int, default=None, help="runs trained side by side in separate processes (default: one per CPU core)")
+    c.add_argument("--jobs", type=int, default=None,
+                   help="runs trained side by side in separate processes (default: one per CPU core)")
     c.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     c.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the reward curves (iterations)")
     c.add_argument("overrides", nargs="*", help="key=value overrides applied to every run, e.g. train.iterations=20")
@@ -52,14 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze-credit", help="correlate TCD's similarity gains with per-step reward gains (paper 6.1)")
     src = a.add_mutually_exclusive_group()
     src.add_argument("--run", metavar="RUN_DIR", help="a run: its config.yaml and latest checkpoint")
-    src.add_argument("--config", help="a config whose policy (base weights) is analysed (default: the embedded default)")
+    src.add_argument("--config",
+                     help="a config whose policy (base weights) is analysed (default: the embedded default)")
     a.add_argument("--trajectories", type=int, default=512, help="sampled trajectories to analyse")
     a.add_argument("--view", default="x0", help="what is decoded at each state: x0 (clean prediction) or state")
     a.add_argument("--examples", type=int, default=6, help="example trajectories in the Fig. 6-style plot")
     a.add_argument("--out", help="output folder (default: RUN_DIR/credit_analysis or runs/credit-analysis)")
     a.add_argument("overrides", nargs="*", help="key=value overrides of the config (e.g. seed=1 sampler.eta=0.3)")
 
-    pt = sub.add_parser("pretrain", help="retrain the embedded default's base model, text encoder and judges from scratch")
+    pt = sub.add_parser("pretrain",
+                        help="retrain the embedded default's base model, text encoder and judges from scratch")
     pt.add_argument("--out", default="pretrained", help="output folder for the weights")
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these tiny networks)")
@@ -106,14 +114,15 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from otca.diagnostics import save_grid
     from otca.flow import make_sigmas
+    from otca.plots import save_grid
     from otca.rollout import initial_noise, sample_ode
+    from otca.weights import eval_mode, swapped
 
     trainer = _load_run(args.run_dir, [])
     prompts = [p for p in args.prompt for _ in range(args.n)]
     s = trainer.cfg.sampler
-    with trainer.swapped(trainer.ema), trainer.eval_mode(), torch.no_grad():
+    with swapped(trainer.params, trainer.ema), eval_mode(trainer.policy), torch.no_grad():
         cond = trainer.policy.encode(prompts)
         x = initial_noise(trainer.policy, args.seed, 0, range(len(prompts)), [], same_per_group=False)
         x = sample_ode(trainer.policy, cond, x, make_sigmas(s.eval_steps, s.shift))
@@ -131,8 +140,9 @@ def _csv(text: str | None, cast=str) -> list | None:
 def cmd_compare(args) -> int:
     from otca.compare import DEFAULT_SCHEMES, DEFAULT_SEEDS, compare
 
-    compare(args.config, args.overrides, schemes=_csv(args.schemes) or DEFAULT_SCHEMES, seeds=_csv(args.seeds, int) or DEFAULT_SEEDS,
-            out_dir=args.out, quick=args.quick, jobs=args.jobs, threads=args.threads, smooth=args.smooth)
+    compare(args.config, args.overrides, schemes=_csv(args.schemes) or DEFAULT_SCHEMES,
+            seeds=_csv(args.seeds, int) or DEFAULT_SEEDS, out_dir=args.out, quick=args.quick, jobs=args.jobs,
+            threads=args.threads, smooth=args.smooth)
     print((Path(args.out) / "table.md").read_text())
     print(f"comparison directory: {args.out}")
     return 0

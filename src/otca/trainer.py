@@ -20,16 +20,11 @@ from otca import dist as odist
 from otca.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from otca.config import RunConfig, dump_config
 from otca.credit import CreditInputs, CreditOutput, get_scheme, tcd_gains
-from otca.diagnostics import (
-    plot_curves,
-    plot_weight_heatmap,
-    save_grid,
-    step_weight_profile,
-    zero_variance_groups,
-)
+from otca.diagnostics import step_weight_profile, zero_variance_groups
 from otca.evaluate import EvalResult, evaluate_policy, load_prompts
 from otca.flow import get_transition, kl_to_reference, make_sigmas, policy_loss
 from otca.models.registry import build_policy
+from otca.plots import plot_curves, plot_weight_heatmap, save_grid
 from otca.rewards.base import RewardSet
 from otca.rewards.registry import build_reward
 from otca.rollout import (
