@@ -239,27 +239,29 @@ def provenance() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads()}
 
 
-def _execute(configs: list, threads: int, jobs: int, report: Callable[[int, dict], None]) -> list[dict]:
+def _execute(
+    configs: list[Any], threads: int, jobs: int, report: Callable[[int, dict[str, Any]], None]
+) -> list[dict[str, Any]]:
     """Every config's summary, in order: finished runs are reused, the others trained (``jobs`` processes
     side by side when > 1); ``report(i, summary)`` is called as each run finishes."""
-    out = [finished_summary(cfg) for cfg in configs]
-    todo = [i for i, s in enumerate(out) if s is None]
-    for i in range(len(configs)):
-        if out[i] is not None:
-            report(i, out[i])
+    found = [finished_summary(cfg) for cfg in configs]
+    out = {i: s for i, s in enumerate(found) if s is not None}
+    for i, s in out.items():
+        report(i, s)
+    todo = [i for i in range(len(configs)) if i not in out]
     if jobs <= 1 or len(todo) <= 1:
         for i in todo:
             out[i] = train_run(configs[i], threads)
             report(i, out[i])
-        return out
-    # spawn, not fork: a forked process inherits torch's thread pools in an undefined state
-    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(train_run, configs[i], threads): i for i in todo}
-        for f in as_completed(futures):
-            i = futures[f]
-            out[i] = f.result()
-            report(i, out[i])
-    return out
+    else:
+        # spawn, not fork: a forked process inherits torch's thread pools in an undefined state
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(train_run, configs[i], threads): i for i in todo}
+            for f in as_completed(futures):
+                i = futures[f]
+                out[i] = f.result()
+                report(i, out[i])
+    return [out[i] for i in range(len(configs))]
 
 
 def compare(

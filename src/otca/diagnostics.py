@@ -39,7 +39,7 @@ class LossMetrics:
     """Count-weighted means of :func:`otca.flow.policy_loss`'s metrics over the calls of an update (each call's
     metrics weighted by its number of trained entries), with the extreme ratios over all calls."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.n = 0
         self.rmin, self.rmax = float("inf"), float("-inf")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -92,14 +92,14 @@ class VelocityModule(torch.nn.Module):
 
     def __init__(self, policy: torch.nn.Module, autocast: torch.dtype | None = None):
         super().__init__()
-        self.policy = policy
+        self.policy: Any = policy  # a FlowPolicy
         self.autocast = autocast
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
         if self.autocast is None:
-            return self.policy.velocity(x, sigma, cond)
+            return cast(torch.Tensor, self.policy.velocity(x, sigma, cond))
         with torch.autocast(device_type=x.device.type, dtype=self.autocast):
-            return self.policy.velocity(x, sigma, cond).to(x.dtype)
+            return cast(torch.Tensor, self.policy.velocity(x, sigma, cond)).to(x.dtype)
 
 
 def wrap(module: torch.nn.Module, info: DistInfo, fsdp: bool, find_unused_parameters: bool = False) -> torch.nn.Module:
@@ -111,7 +111,7 @@ def wrap(module: torch.nn.Module, info: DistInfo, fsdp: bool, find_unused_parame
 
         # frozen parts (text encoders, VAE) stay whole: they are used outside the wrapped forward
         frozen = {p for p in module.parameters() if not p.requires_grad}
-        return fully_shard(module, ignored_params=frozen)
+        return cast(torch.nn.Module, fully_shard(module, ignored_params=frozen))
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(
@@ -121,10 +121,10 @@ def wrap(module: torch.nn.Module, info: DistInfo, fsdp: bool, find_unused_parame
     )
 
 
-def no_sync(model: torch.nn.Module, skip_sync: bool) -> AbstractContextManager:
+def no_sync(model: Any, skip_sync: bool) -> AbstractContextManager[None]:
     """A block whose backward accumulates gradients locally (``skip_sync``) or synchronises them over ranks."""
     if skip_sync and hasattr(model, "no_sync"):  # DDP
-        return model.no_sync()
+        return cast(AbstractContextManager[None], model.no_sync())
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
         model.set_requires_gradient_sync(not skip_sync)
     return nullcontext()
@@ -136,7 +136,7 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def like(full: torch.Tensor, p: Any) -> torch.Tensor:
     """``full`` laid out like parameter ``p``: sharded the same way when ``p`` is an FSDP2 DTensor."""
     if hasattr(p, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
@@ -145,7 +145,7 @@ def like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return full.to(p.device, p.dtype)
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
+def optimizer_state(optimizer: torch.optim.Optimizer, sharded: bool) -> dict[str, Any]:
     """The optimizer state with whole tensors (``sharded``: FSDP2 moments gathered, a collective on every rank)."""
     state = optimizer.state_dict()
     if sharded:
@@ -153,7 +153,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
     return state
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, sharded: bool) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], sharded: bool) -> None:
     """Load a state of :func:`optimizer_state`; ``sharded``: each moment re-sharded like its parameter."""
     if sharded:
         params = [p for g in optimizer.param_groups for p in g["params"]]

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 
-def pyplot():
+def pyplot() -> Any:
     """matplotlib.pyplot with the file-only Agg backend (no display needed)."""
     import matplotlib
 
@@ -24,7 +25,7 @@ def pyplot():
     return plt
 
 
-def plot_curves(rows: list[dict], keys: Sequence[str], out_dir: Path, prefix: str = "curve") -> list[Path]:
+def plot_curves(rows: list[dict[str, float]], keys: Sequence[str], out_dir: Path, prefix: str = "curve") -> list[Path]:
     """One PNG per key: value against iteration (from the metrics.jsonl rows)."""
     plt = pyplot()
     paths = []

@@ -38,7 +38,7 @@ class RunLog:
         self._append_line(METRICS, row)
         for k, v in row.items():
             if k != "iteration":
-                self._scalar(k, v, row["iteration"])
+                self._scalar(k, v, int(row["iteration"]))
 
     def append_eval(self, iteration: int, metrics: dict[str, float]) -> None:
         """An evaluation after ``iteration`` iterations to eval.jsonl and TensorBoard (under ``eval/``)."""
@@ -53,10 +53,11 @@ class RunLog:
         evaluations after ``iteration``; a resumed run's logs then equal an uninterrupted run's."""
         if not self.write:
             return
-        for name, keep in ((METRICS, lambda i: i < iteration), (EVAL, lambda i: i <= iteration)):
+        for name, last in ((METRICS, iteration - 1), (EVAL, iteration)):
             path = self.run_dir / name
             if path.is_file():
-                lines = [line for line in path.read_text().splitlines() if line and keep(json.loads(line)["iteration"])]
+                lines = [line for line in path.read_text().splitlines()
+                         if line and json.loads(line)["iteration"] <= last]
                 path.write_text("".join(line + "\n" for line in lines))
 
     def write_summary(self, summary: dict[str, Any]) -> None:

@@ -209,21 +209,21 @@ class Trainer:
             n_global, len(self.sigmas) - 1, fraction=t.timestep_fraction, mode=t.timestep_selection,
             drop_last=t.drop_last_step, generator=seeded_generator(self.cfg.seed, it, STREAM_STEP_MASK, 0),
         )
-        gains = tcd_gains(traj.latents, traj.final)  # [b, T] fp32, cheap, local
         dev = info.device
+        gains = odist.all_gather_rows(tcd_gains(traj.latents, traj.final).to(dev), info).cpu()  # [B, T] fp32
         inputs = CreditInputs(
             rewards=odist.all_gather_rows(rewards.to(dev), info).cpu(),
             group_ids=odist.all_gather_rows(batch.group_ids.to(dev), info).cpu(),
             mask=mask_global,
             sigmas=self.sigmas,
-            gains=odist.all_gather_rows(gains.to(dev), info).cpu(),
+            gains=gains,
             reward_weights=self.reward_weights,
             reward_names=tuple(self.rewards.names),
         )
         out = self.scheme(inputs, t.credit)
         if self.cfg.save_credit:
             self.runlog.write_credit(it, {
-                "rewards": inputs.rewards, "gains": inputs.gains, "mask": inputs.mask.to(torch.uint8),
+                "rewards": inputs.rewards, "gains": gains, "mask": inputs.mask.to(torch.uint8),
                 "group_ids": inputs.group_ids, "advantages": out.advantages, "weights": out.weights,
             })
         mine = info.shard(n_global)
@@ -298,7 +298,7 @@ class Trainer:
         if t.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), t.grad_clip)
         self.optimizer.step()
-        if self.ema is not None:
+        if self.ema is not None and t.ema_decay:
             with torch.no_grad():
                 for n, p in self.params.items():
                     self.ema[n].lerp_(p.detach(), 1.0 - t.ema_decay)
@@ -347,7 +347,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ small helpers
 
-    def _progress(self):
+    def _progress(self) -> Any:
         if not (self.cfg.progress and self.info.is_main):
             return None
         from tqdm import tqdm

@@ -67,7 +67,9 @@ def trace_trajectories(trainer: Any, n: int, view: str = "x0") -> CreditTrace:
     from otca.credit import tcd_gains
 
     see = VIEWS.get(view)
-    gains, scores, prompts = [], [], []
+    gains: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
+    prompts: list[list[str]] = []
     micro = trainer.cfg.train.micro_batch
     it = 0
     while sum(len(p) for p in prompts) < n:
