@@ -58,11 +58,11 @@ def train_iteration(trainer, it: int, clock: Callable[[str], None] = lambda phas
     clock("rollout")
     rewards = trainer.score(traj, batch)
     clock("decode + rewards")
-    credit, adv, mask = trainer.assign_credit(traj, rewards, batch, it)
+    credit = trainer.assign_credit(traj, rewards, batch, it)
     clock("credit")
-    stats = trainer.update(traj, cond, adv, mask)
+    stats = trainer.update(traj, cond, credit)
     clock("update")
-    trainer.log(it, rewards, credit, mask, stats, 0.0)
+    trainer.runlog.append(trainer.log_row(it, credit, stats, 0.0))
     clock("log")
 
 

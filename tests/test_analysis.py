@@ -89,7 +89,8 @@ def test_recall_at_k_by_hand_and_against_sets():
     assert recall_at_k_rows(a, b, 5).tolist() == [1.0]
     x, y = rows(4)
     for k in (1, 3, 5):
-        want = [len(set(np.argsort(-p)[:k]) & set(np.argsort(-q)[:k])) / k for p, q in zip(x.numpy(), y.numpy(), strict=True)]
+        pairs = zip(x.numpy(), y.numpy(), strict=True)
+        want = [len(set(np.argsort(-p)[:k]) & set(np.argsort(-q)[:k])) / k for p, q in pairs]
         np.testing.assert_allclose(recall_at_k_rows(x, y, k).numpy(), want)
     with pytest.raises(ValueError, match="recall@k: expected 1 <= k <= T=5, got k=6"):
         recall_at_k_rows(a, b, 6)

@@ -16,7 +16,6 @@ from otca.compare import (
     RunSpec,
     compare,
     format_markdown,
-    load_metrics,
     mean_std,
     plan_runs,
     run_config,
@@ -24,6 +23,7 @@ from otca.compare import (
     trailing_mean,
     write_csv,
 )
+from otca.runlog import RunLog
 
 SCHEMES = ("grpo", "otca")
 SEEDS = (0, 1)
@@ -48,7 +48,8 @@ def test_trailing_mean_matches_a_loop():
 
 
 def _summary(before, after, wall):
-    return {"eval_before": {"reward/a": before}, "eval_after": {"reward/a": after, "eval/x": after * 10}, "wall_seconds": wall}
+    after_metrics = {"reward/a": after, "eval/x": after * 10}
+    return {"eval_before": {"reward/a": before}, "eval_after": after_metrics, "wall_seconds": wall}
 
 
 def test_table_values_markdown_and_csv_by_hand(tmp_path):
@@ -65,10 +66,12 @@ def test_table_values_markdown_and_csv_by_hand(tmp_path):
     md = format_markdown(values).splitlines()
     assert md[0] == "| method | seeds | reward/a | eval/x | wall_seconds |"
     assert md[2] == "| base | 2 | 0.5 ± 0 | - | - |"
-    assert md[3] == f"| grpo | 2 | 0.7 ± {statistics.stdev([0.6, 0.8]):.2g} | 7 ± {statistics.stdev([6, 8]):.2g} | 11 ± 1.4 |"
+    sd_a, sd_x = statistics.stdev([0.6, 0.8]), statistics.stdev([6, 8])
+    assert md[3] == f"| grpo | 2 | 0.7 ± {sd_a:.2g} | 7 ± {sd_x:.2g} | 11 ± 1.4 |"
     write_csv(values, tmp_path / "t.csv")
     rows = list(csv.reader(open(tmp_path / "t.csv")))
-    assert rows[0] == ["method", "seeds", "reward/a", "reward/a_std", "eval/x", "eval/x_std", "wall_seconds", "wall_seconds_std"]
+    assert rows[0] == ["method", "seeds", "reward/a", "reward/a_std", "eval/x", "eval/x_std",
+                       "wall_seconds", "wall_seconds_std"]
     assert rows[2][:2] == ["grpo", "2"]
     assert [float(x) for x in rows[2][2:4]] == pytest.approx([0.7, statistics.stdev([0.6, 0.8])])
     assert rows[1][4] == "nan"
@@ -120,7 +123,7 @@ def test_the_table_is_the_mean_over_seeds_of_every_runs_summary(comparison):
 def test_schemes_get_identical_compute(comparison):
     """Same prompts and noise: the first rollout (before any update) scores the same under every scheme."""
     out, _ = comparison
-    first = {(s, d): load_metrics(out / s / f"seed-{d}")[0] for s in SCHEMES for d in SEEDS}
+    first = {(s, d): RunLog(out / s / f"seed-{d}").rows()[0] for s in SCHEMES for d in SEEDS}
     key = "reward/digit-alignment"
     for d in SEEDS:
         assert first[("grpo", d)][key] == first[("otca", d)][key]

@@ -1,6 +1,5 @@
 """End-to-end runs of the GRPO loop on the embedded default, at toy size (CPU, seconds each)."""
 
-import json
 import os
 import socket
 import subprocess
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 from otca.config import load_config
 from otca.rewards.base import RewardError
 from otca.rewards.registry import register_reward
+from otca.runlog import RunLog
 from otca.trainer import Trainer
 
 TINY = [
@@ -45,10 +45,11 @@ def test_two_iterations_write_the_whole_run_directory(tmp_path):
     initial = {n: p.detach().clone() for n, p in tr.params.items()}
     summary = tr.train()
     d = tr.run_dir
-    for f in ["config.yaml", "metrics.jsonl", "summary.json", "samples_before.png", "samples_after.png", "credit_weights.png"]:
+    for f in ["config.yaml", "metrics.jsonl", "summary.json", "samples_before.png", "samples_after.png",
+              "credit_weights.png"]:
         assert (d / f).is_file(), f
     assert list((d / "tb").iterdir()) and list(d.glob("curve_reward_*.png"))
-    rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    rows = RunLog(d).rows()
     assert [r["iteration"] for r in rows] == [0, 1]
     # the ratio check: the first update step re-evaluates the sampled transitions exactly
     assert rows[0]["train/ratio_first_step_max_dev"] == 0.0
@@ -76,11 +77,40 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path):
     assert wa.keys() == wb.keys()
     for n in wa:
         assert torch.equal(wa[n], wb[n]), n
-    def rows(d):
-        return [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
-    def strip(r):
-        return {k: v for k, v in r.items() if k != "wall_seconds"}
-    assert [strip(r) for r in rows(full.run_dir)] == [strip(r) for r in rows(part.run_dir)]
+    def strip(r):  # wall-clock values differ between any two runs
+        return {k: v for k, v in r.items() if k != "wall_seconds" and not k.startswith("time/")}
+    assert [strip(r) for r in RunLog(full.run_dir).rows()] == [strip(r) for r in RunLog(part.run_dir).rows()]
+
+
+def test_phase_times_are_logged_for_the_phases_that_ran(tmp_path):
+    tr, _ = run(tmp_path, "train.iterations=2", "eval.every=1", "checkpoint_every=2", "eval.metrics=null")
+    rows = tr.runlog.rows()
+    every = {"time/rollout", "time/score", "time/credit", "time/update"}
+    # eval after iteration 0 only (the last one is the final eval); a checkpoint after iteration 1 only
+    assert {k for k in rows[0] if k.startswith("time/")} == every | {"time/eval"}
+    assert {k for k in rows[1] if k.startswith("time/")} == every | {"time/checkpoint"}
+    assert all(r[k] >= 0 for r in rows for k in r if k.startswith("time/"))
+
+
+def test_kl_reference_is_the_initial_policy(tmp_path):
+    """KL to the reference is exactly 0 throughout the first update (no optimizer step yet) and > 0 after it."""
+    tr, _ = run(tmp_path, "train.iterations=2", "train.kl_coef=0.1", "eval.metrics=null")
+    rows = tr.runlog.rows()
+    assert rows[0]["train/kl"] == 0.0
+    assert rows[1]["train/kl"] > 0.0
+    assert any(not torch.equal(tr.ref[n], p) for n, p in tr.params.items())
+
+
+def test_a_reference_weight_that_names_no_parameter_raises(tmp_path):
+    cfg = load_config(None, [*TINY, f"out_dir={tmp_path / 'run'}", "train.kl_coef=0.1", "eval.metrics=null"])
+    tr = Trainer(cfg)
+    name = next(iter(tr.ref))
+    tr.ref["renamed." + name] = tr.ref.pop(name)
+    batch = tr.sample_prompts(0)
+    traj, cond = tr.rollout(batch, 0)
+    credit = tr.assign_credit(traj, tr.score(traj, batch), batch, 0)
+    with pytest.raises(ValueError, match=f"reference weights: 'policy.renamed.{name}' is not a parameter of the model"):
+        tr.update(traj, cond, credit)
 
 
 @register_reward("test-nan")
@@ -107,8 +137,9 @@ def test_nan_reward_fails_the_step_loudly(tmp_path):
 
 
 def test_zero_variance_groups_are_counted_and_get_no_gradient(tmp_path):
-    tr, _ = run(tmp_path, "train.iterations=1", "rewards=[{name: test-constant}]", "eval.metrics=null", "train.scheme=grpo")
-    row = json.loads((tr.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    tr, _ = run(tmp_path, "train.iterations=1", "rewards=[{name: test-constant}]", "eval.metrics=null",
+                "train.scheme=grpo")
+    row = tr.runlog.rows()[0]
     assert row["credit/zero_variance_groups"] == 2
     assert row["credit/adv_abs_mean"] == 0.0
 

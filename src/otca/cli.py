@@ -129,14 +129,15 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from otca.diagnostics import save_grid
     from otca.flow import make_sigmas
+    from otca.plots import save_grid
     from otca.rollout import initial_noise, sample_ode
+    from otca.weights import eval_mode, swapped
 
     trainer = _load_run(args.run_dir, [])
     prompts = [p for p in args.prompt for _ in range(args.n)]
     s = trainer.cfg.sampler
-    with trainer.swapped(trainer.ema), trainer.eval_mode(), torch.no_grad():
+    with swapped(trainer.params, trainer.ema), eval_mode(trainer.policy), torch.no_grad():
         cond = trainer.policy.encode(prompts)
         x = initial_noise(trainer.policy, args.seed, 0, range(len(prompts)), [], same_per_group=False)
         x = sample_ode(trainer.policy, cond, x, make_sigmas(s.eval_steps, s.shift))

@@ -32,6 +32,9 @@ from typing import Any
 
 import torch
 
+from otca.plots import plot_reward_curves
+from otca.runlog import RunLog
+
 DEFAULT_SCHEMES = ("grpo", "flow-grpo", "tcd", "moca", "otca", "pcpo")
 # two seeds x six schemes of the embedded default fit in 30 minutes on 2 CPU cores (docs/results.md)
 DEFAULT_SEEDS = (0, 1)
@@ -88,10 +91,9 @@ def finished_summary(cfg) -> dict[str, Any] | None:
     """The summary of the finished run in ``cfg.out_dir`` if it was trained with exactly ``cfg``, else None."""
     from otca.config import dump_config
 
-    run_dir = Path(cfg.out_dir)
-    summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
-    if summary.is_file() and saved.is_file() and saved.read_text() == dump_config(cfg):
-        return json.loads(summary.read_text())
+    saved = Path(cfg.out_dir) / "config.yaml"
+    if saved.is_file() and saved.read_text() == dump_config(cfg):
+        return RunLog(cfg.out_dir).summary()
     return None
 
 
@@ -190,52 +192,29 @@ def trailing_mean(values: torch.Tensor, window: int) -> torch.Tensor:
     return (c[..., idx + 1] - c[..., lo]) / (idx + 1 - lo)  # [..., n]
 
 
-def load_metrics(run_dir: Path) -> list[dict[str, float]]:
-    """The rows of a run's ``metrics.jsonl``."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
-
-
 def curve_arrays(specs: Sequence[RunSpec], key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values [seeds, n], wall [seeds, n])`` of one metric over the runs of one scheme, cut to the shortest."""
-    runs = [load_metrics(s.run_dir) for s in specs]
+    runs = [RunLog(s.run_dir).rows() for s in specs]
     n = min(len(r) for r in runs)
     values = torch.tensor([[row[key] for row in r[:n]] for r in runs], dtype=torch.float64)  # [seeds, n]
     wall = torch.tensor([[row["wall_seconds"] for row in r[:n]] for r in runs], dtype=torch.float64)  # [seeds, n]
     return values, wall
 
 
-def plot_reward_curves(specs: Sequence[RunSpec], reward_names: Sequence[str], out_dir: Path, smooth: int) -> list[Path]:
-    """``curves_iteration.png`` and ``curves_wall.png``: one panel per objective, one line per scheme."""
-    from otca.diagnostics import pyplot
-
-    plt = pyplot()
+def reward_curves(
+    specs: Sequence[RunSpec], reward_names: Sequence[str], smooth: int
+) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``{scheme: {reward name: (trailing mean over smooth iterations [seeds, n], wall seconds [seeds, n])}}``:
+    what :func:`otca.plots.plot_reward_curves` draws."""
     by_scheme: dict[str, list[RunSpec]] = {}
     for s in specs:
         by_scheme.setdefault(s.scheme, []).append(s)
-    paths = []
-    for axis, label in (("iteration", "iteration"), ("wall", "training wall time after iteration 0 (s, mean over seeds)")):
-        fig, axes = plt.subplots(1, len(reward_names), figsize=(4.2 * len(reward_names), 3.2), dpi=100, squeeze=False)
-        for ax, name in zip(axes[0], reward_names, strict=True):
-            for scheme, runs in by_scheme.items():
-                values, wall = curve_arrays(runs, f"reward/{name}")  # [seeds, n] each
-                y = trailing_mean(values, smooth)  # [seeds, n]
-                m = y.mean(0)  # [n]
-                sd = y.std(0) if y.shape[0] > 1 else torch.zeros_like(m)  # [n]
-                # wall time from the end of iteration 0: the eval before training and warm-up are left out
-                x = torch.arange(m.shape[0]) if axis == "iteration" else (wall - wall[:, :1]).mean(0)  # [n]
-                ax.plot(x, m, lw=1.3, label=scheme)
-                ax.fill_between(x, m - sd, m + sd, alpha=0.15)
-            ax.set_title(f"reward/{name}", fontsize=9)
-            ax.set_xlabel(label)
-            ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        fig.suptitle(f"training reward (mean over seeds ± std, trailing mean over {smooth} iterations)", fontsize=9)
-        fig.tight_layout()
-        path = Path(out_dir) / f"curves_{axis}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    curves: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for scheme, runs in by_scheme.items():
+        for name in reward_names:
+            values, wall = curve_arrays(runs, f"reward/{name}")  # [seeds, n] each
+            curves.setdefault(scheme, {})[name] = (trailing_mean(values, smooth), wall)
+    return curves
 
 
 # ------------------------------------------------------------------ the driver
@@ -260,27 +239,29 @@ def provenance() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads()}
 
 
-def _execute(configs: list, threads: int, jobs: int, report: Callable[[int, dict], None]) -> list[dict]:
+def _execute(
+    configs: list[Any], threads: int, jobs: int, report: Callable[[int, dict[str, Any]], None]
+) -> list[dict[str, Any]]:
     """Every config's summary, in order: finished runs are reused, the others trained (``jobs`` processes
     side by side when > 1); ``report(i, summary)`` is called as each run finishes."""
-    out = [finished_summary(cfg) for cfg in configs]
-    todo = [i for i, s in enumerate(out) if s is None]
-    for i in range(len(configs)):
-        if out[i] is not None:
-            report(i, out[i])
+    found = [finished_summary(cfg) for cfg in configs]
+    out = {i: s for i, s in enumerate(found) if s is not None}
+    for i, s in out.items():
+        report(i, s)
+    todo = [i for i in range(len(configs)) if i not in out]
     if jobs <= 1 or len(todo) <= 1:
         for i in todo:
             out[i] = train_run(configs[i], threads)
             report(i, out[i])
-        return out
-    # spawn, not fork: a forked process inherits torch's thread pools in an undefined state
-    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(train_run, configs[i], threads): i for i in todo}
-        for f in as_completed(futures):
-            i = futures[f]
-            out[i] = f.result()
-            report(i, out[i])
-    return out
+    else:
+        # spawn, not fork: a forked process inherits torch's thread pools in an undefined state
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(train_run, configs[i], threads): i for i in todo}
+            for f in as_completed(futures):
+                i = futures[f]
+                out[i] = f.result()
+                report(i, out[i])
+    return [out[i] for i in range(len(configs))]
 
 
 def compare(
@@ -316,7 +297,8 @@ def compare(
 
     def report(i: int, summary: dict) -> None:
         done.append(i)
-        r = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in summary["eval_after"].items() if k.startswith("reward/"))
+        rewards = {k: v for k, v in summary["eval_after"].items() if k.startswith("reward/")}
+        r = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in rewards.items())
         log(f"[{len(done)}/{len(specs)}] {specs[i].scheme} seed {specs[i].seed}: {summary['wall_seconds']:.0f} s; {r}")
 
     summaries = dict(zip(specs, _execute(configs, threads, jobs, report), strict=True))
@@ -324,7 +306,7 @@ def compare(
     (out / "table.md").write_text(format_markdown(values) + "\n")
     write_csv(values, out / "table.csv")
     write_runs_csv(summaries, out / "runs.csv")
-    plot_reward_curves(specs, [r.name for r in configs[0].rewards], out, smooth)
+    plot_reward_curves(reward_curves(specs, [r.name for r in configs[0].rewards], smooth), out, smooth)
     meta = {"config": config or "defaults", "overrides": list(overrides), "schemes": list(schemes),
             "seeds": list(seeds), "jobs": jobs, "threads_per_job": threads, "smooth": smooth,
             "wall_seconds": time.time() - t0, **where}

@@ -1,13 +1,9 @@
-"""Credit diagnostics and run artefacts: reward curves, the per-step weight heatmap, sample grids.
+"""Credit and PPO diagnostics of a run: zero-variance groups, the per-step weight profile, run averages.
 
-Plots use matplotlib's file backend and are written by the main process only.
+Pure functions of tensors and logged rows; the figures drawn from them are in :mod:`otca.plots`.
 """
 
 from __future__ import annotations
-
-import math
-from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -29,74 +25,40 @@ def step_weight_profile(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return (weights * m).sum(0) / m.sum(0).clamp_min(1.0)
 
 
-def pyplot():
-    """matplotlib.pyplot with the file-only Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_curves(rows: list[dict], keys: Sequence[str], out_dir: Path, prefix: str = "curve") -> list[Path]:
-    """One PNG per key: value against iteration (from the metrics.jsonl rows)."""
-    plt = pyplot()
-    paths = []
-    for key in keys:
-        pts = [(r["iteration"], r[key]) for r in rows if key in r]
-        if not pts:
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-        it, val = zip(*pts, strict=True)
-        ax.plot(it, val, lw=1.2)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(key)
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out_dir / f"{prefix}_{key.replace('/', '_')}.png"
-        fig.savefig(path)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+def run_diagnostics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Credit and PPO diagnostics averaged over a run's metrics rows: ``mean_<key>`` for the ``credit/``,
+    ``train/clip_frac`` and ``train/approx_kl`` keys, and the largest first-step ratio deviation."""
+    keys = [k for k in (rows[0] if rows else {}) if k.startswith(("credit/", "train/clip_frac", "train/approx_kl"))]
+    out = {f"mean_{k}": sum(r[k] for r in rows) / len(rows) for k in keys}
+    if rows:
+        out["max_train/ratio_first_step_max_dev"] = max(r["train/ratio_first_step_max_dev"] for r in rows)
+    return out
 
 
-def plot_weight_heatmap(profiles: list[list[float]], path: Path) -> None:
-    """Iterations x steps heatmap of the mean temporal weight (mean 1 = uniform broadcast)."""
-    if not profiles:
-        return
-    plt = pyplot()
-    data = torch.tensor(profiles)  # [iters, T]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xlabel("denoising step k (0 = from pure noise)")
-    ax.set_ylabel("iteration")
-    ax.set_title("mean temporal credit weight per step")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+class LossMetrics:
+    """Count-weighted means of :func:`otca.flow.policy_loss`'s metrics over the calls of an update (each call's
+    metrics weighted by its number of trained entries), with the extreme ratios over all calls."""
 
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n = 0
+        self.rmin, self.rmax = float("inf"), float("-inf")
 
-def save_grid(pixels: torch.Tensor, prompts: Sequence[str], path: Path, per_row: int, title: str = "") -> None:
-    """A grid of images ``[N, C, H, W]`` in [0, 1] (video: the middle frame), one prompt per row."""
-    plt = pyplot()
-    if pixels.dim() == 5:  # [N, C, F, H, W]
-        pixels = pixels[:, :, pixels.shape[2] // 2]
-    n = pixels.shape[0]
-    rows = math.ceil(n / per_row)
-    fig, axes = plt.subplots(rows, per_row, figsize=(per_row * 0.9, rows * 0.95), dpi=100, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= n:
-            continue
-        img = pixels[i].permute(1, 2, 0).float().numpy()
-        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1)
-        if i % per_row == 0:
-            ax.set_title(prompts[i], fontsize=5, loc="left")
-    if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    def add(self, m: dict[str, float], n: int) -> None:
+        if n == 0:
+            return
+        self.n += n
+        for k, v in m.items():
+            if k in ("ratio_min", "ratio_max", "num_trained"):
+                continue
+            self.sums[k] = self.sums.get(k, 0.0) + v * n
+        self.rmin = min(self.rmin, m["ratio_min"])
+        self.rmax = max(self.rmax, m["ratio_max"])
+
+    def ratio_dev(self) -> float:
+        return max(abs(self.rmin - 1.0), abs(self.rmax - 1.0)) if self.n else float("nan")
+
+    def result(self) -> dict[str, float]:
+        out = {k: v / max(self.n, 1) for k, v in self.sums.items()}
+        out.update(ratio_min=self.rmin, ratio_max=self.rmax)
+        return out

@@ -1,4 +1,5 @@
-"""Processes: one code path for a single process and for ``torchrun --nproc_per_node N``.
+"""Processes: one code path for a single process and for ``torchrun --nproc_per_node N``, and the DDP / FSDP2
+plumbing around the trained module (wrapping, gradient sync, whole and sharded tensors, optimizer state).
 
 Under torchrun (``WORLD_SIZE`` set) the process group is started with NCCL on GPU and gloo on CPU.
 Prompt groups are sharded across ranks by contiguous slices of the global batch; the credit math runs
@@ -8,7 +9,9 @@ on the all-gathered batch so that group statistics are right when a group spans 
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -75,3 +78,87 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ wrapped models (DDP / FSDP2)
+
+
+class VelocityModule(torch.nn.Module):
+    """``forward = policy.velocity``, so DDP / FSDP2 can wrap any FlowPolicy without reaching inside it.
+
+    With ``autocast`` the network runs under torch.autocast (weights stay in their own dtype, e.g. fp32);
+    the velocity comes back in the latents' dtype and the SDE and credit math stay in fp32.
+    """
+
+    def __init__(self, policy: torch.nn.Module, autocast: torch.dtype | None = None):
+        super().__init__()
+        self.policy: Any = policy  # a FlowPolicy
+        self.autocast = autocast
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+        if self.autocast is None:
+            return cast(torch.Tensor, self.policy.velocity(x, sigma, cond))
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast):
+            return cast(torch.Tensor, self.policy.velocity(x, sigma, cond)).to(x.dtype)
+
+
+def wrap(module: torch.nn.Module, info: DistInfo, fsdp: bool, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """``module`` as every rank's replica: unchanged in one process, FSDP2 ``fully_shard`` (``fsdp``) or DDP."""
+    if not info.distributed:
+        return module
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        # frozen parts (text encoders, VAE) stay whole: they are used outside the wrapped forward
+        frozen = {p for p in module.parameters() if not p.requires_grad}
+        return cast(torch.nn.Module, fully_shard(module, ignored_params=frozen))
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(
+        module,
+        device_ids=[info.device.index] if info.device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
+
+
+def no_sync(model: Any, skip_sync: bool) -> AbstractContextManager[None]:
+    """A block whose backward accumulates gradients locally (``skip_sync``) or synchronises them over ranks."""
+    if skip_sync and hasattr(model, "no_sync"):  # DDP
+        return cast(AbstractContextManager[None], model.no_sync())
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(not skip_sync)
+    return nullcontext()
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly FSDP2-sharded DTensor) parameter, detached (a collective if sharded)."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def like(full: torch.Tensor, p: Any) -> torch.Tensor:
+    """``full`` laid out like parameter ``p``: sharded the same way when ``p`` is an FSDP2 DTensor."""
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements)
+    return full.to(p.device, p.dtype)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, sharded: bool) -> dict[str, Any]:
+    """The optimizer state with whole tensors (``sharded``: FSDP2 moments gathered, a collective on every rank)."""
+    state = optimizer.state_dict()
+    if sharded:
+        state["state"] = {i: {k: whole(v) for k, v in st.items()} for i, st in state["state"].items()}
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], sharded: bool) -> None:
+    """Load a state of :func:`optimizer_state`; ``sharded``: each moment re-sharded like its parameter."""
+    if sharded:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        state["state"] = {
+            i: {k: v if v.dim() == 0 else like(v, params[int(i)]) for k, v in st.items()}
+            for i, st in state["state"].items()
+        }
+    optimizer.load_state_dict(state)

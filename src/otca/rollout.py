@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from otca.flow import get_transition, ode_step, predict_x0
+from otca.flow import Transition, ode_step, predict_x0
 from otca.models.base import FlowPolicy
 
 # Independent random streams of one iteration.
@@ -58,7 +58,12 @@ def velocity_in_chunks(
 
 
 def initial_noise(
-    policy: FlowPolicy, seed: int, iteration: int, indices: Sequence[int], group_ids: Sequence[int], same_per_group: bool
+    policy: FlowPolicy,
+    seed: int,
+    iteration: int,
+    indices: Sequence[int],
+    group_ids: Sequence[int],
+    same_per_group: bool,
 ) -> torch.Tensor:
     """``[b, *latent]`` initial latents, one generator per sample (or per group when shared)."""
     keys = group_ids if same_per_group else indices
@@ -73,7 +78,7 @@ def sample_sde(
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    sde: str,
+    transition: Transition,
     eta: float,
     seed: int,
     iteration: int,
@@ -84,11 +89,12 @@ def sample_sde(
 ) -> Trajectory:
     """Roll out ``x [b, *latent]`` through ``T = len(sigmas) - 1`` stochastic transitions.
 
-    ``indices`` are the samples' global indices: the SDE noise of sample i comes from its own generator.
-    ``velocity`` defaults to ``policy.velocity`` (the trainer passes its DDP/FSDP-wrapped module).
+    ``transition`` is the SDE step (``otca.flow.get_transition(cfg.sampler.sde)``): the trainer resolves it once
+    and hands the same object to the rollout and the update, so the update re-evaluates exactly the sampled
+    transition densities. ``indices`` are the samples' global indices: the SDE noise of sample i comes from
+    its own generator. ``velocity`` defaults to ``policy.velocity`` (the trainer passes its DDP/FSDP-wrapped module).
     """
     velocity = velocity or policy.velocity
-    step = get_transition(sde)
     gens = [seeded_generator(seed, iteration, STREAM_SDE_NOISE, int(i)) for i in indices]
     b, T = x.shape[0], len(sigmas) - 1
     latents, log_probs = [x], []
@@ -98,7 +104,7 @@ def sample_sde(
         v = velocity_in_chunks(velocity, x, sig.to(x.device), cond, micro_batch)
         noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, torch.float32)
         x0_hat = predict_x0(x, v, float(sigmas[k]))
-        x, logp, _, _ = step(x, v, float(sigmas[k]), float(sigmas[k + 1]), eta=eta, noise=noise)
+        x, logp, _, _ = transition(x, v, float(sigmas[k]), float(sigmas[k + 1]), eta=eta, noise=noise)
         latents.append(x)
         log_probs.append(logp)
     final = x0_hat if final_latent == "x0" else x
@@ -107,7 +113,12 @@ def sample_sde(
 
 @torch.no_grad()
 def sample_ode(
-    policy: FlowPolicy, cond: Any, x: torch.Tensor, sigmas: torch.Tensor, micro_batch: int = 16, velocity: Callable | None = None
+    policy: FlowPolicy,
+    cond: Any,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    micro_batch: int = 16,
+    velocity: Callable | None = None,
 ) -> torch.Tensor:
     """Deterministic Euler sampling (evaluation): returns the final latent ``[b, *latent]``."""
     velocity = velocity or policy.velocity

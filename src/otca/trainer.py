@@ -1,15 +1,16 @@
-"""The GRPO loop, as named phases: prompts -> rollout -> rewards -> credit -> update -> log / eval / checkpoint.
+"""The GRPO loop, as named phases that hand their data to the next:
+
+    sample_prompts -> rollout -> score -> assign_credit -> update -> log (+ evaluate, save when due)
 
 Nothing here knows a scheme, model or reward by name: they come from registries. The same code runs in
 one process or under ``torchrun``: each rank rolls out its slice of the global batch, the credit math runs
-on the all-gathered rewards and step gains, and DDP (or FSDP2) synchronises the gradients.
+on the all-gathered rewards and step gains, and DDP (or FSDP2) synchronises the gradients (:mod:`otca.dist`).
+The run directory's logs are written through :class:`otca.runlog.RunLog`.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,11 @@ from otca import dist as odist
 from otca.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from otca.config import RunConfig, dump_config
 from otca.credit import CreditInputs, CreditOutput, get_scheme, tcd_gains
-from otca.diagnostics import (
-    plot_curves,
-    plot_weight_heatmap,
-    save_grid,
-    step_weight_profile,
-    zero_variance_groups,
-)
+from otca.diagnostics import LossMetrics, run_diagnostics, step_weight_profile, zero_variance_groups
 from otca.evaluate import EvalResult, evaluate_policy, load_prompts
 from otca.flow import get_transition, kl_to_reference, make_sigmas, policy_loss
 from otca.models.registry import build_policy
+from otca.plots import plot_curves, plot_weight_heatmap, save_grid
 from otca.rewards.base import RewardSet
 from otca.rewards.registry import build_reward
 from otca.rollout import (
@@ -41,25 +37,8 @@ from otca.rollout import (
     seeded_generator,
     select_train_steps,
 )
-
-
-class _Velocity(torch.nn.Module):
-    """``forward = policy.velocity``, so DDP / FSDP2 can wrap any FlowPolicy without reaching inside it.
-
-    With ``autocast`` the network runs under torch.autocast (weights stay in their own dtype, e.g. fp32);
-    the velocity comes back in the latents' dtype and the SDE and credit math stay in fp32.
-    """
-
-    def __init__(self, policy: torch.nn.Module, autocast: torch.dtype | None = None):
-        super().__init__()
-        self.policy = policy
-        self.autocast = autocast
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
-        if self.autocast is None:
-            return self.policy.velocity(x, sigma, cond)
-        with torch.autocast(device_type=x.device.type, dtype=self.autocast):
-            return self.policy.velocity(x, sigma, cond).to(x.dtype)
+from otca.runlog import RunLog, timed
+from otca.weights import call_with_weights, eval_mode, swapped
 
 
 @dataclass
@@ -71,11 +50,22 @@ class Batch:
     indices: list[int]  # [b] global sample index
 
 
+@dataclass
+class Credit:
+    """What :meth:`Trainer.assign_credit` hands on: the scheme's view of the global batch, and this rank's share."""
+
+    inputs: CreditInputs  # the gathered global batch [B, ...]
+    output: CreditOutput  # the scheme's advantages and weights [B, T], and its metrics
+    advantages: torch.Tensor  # [b, T] this rank's rows
+    mask: torch.Tensor  # [b, T] bool: this rank's trained transitions
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path | None = None, info: odist.DistInfo | None = None):
         self.cfg = cfg
         self.info = info or odist.init_distributed()
         self.run_dir = Path(run_dir or cfg.out_dir)
+        self.runlog = RunLog(self.run_dir, write=self.info.is_main)
         torch.manual_seed(cfg.seed)
         self.policy = build_policy(cfg.model, self.info.device)
         self.rewards = RewardSet([build_reward(r.name, **r.options) for r in cfg.rewards])
@@ -83,16 +73,17 @@ class Trainer:
         self.train_prompts = load_prompts(cfg.prompts.train)
         self.eval_prompts = load_prompts(cfg.prompts.eval)
         self.scheme = get_scheme(cfg.train.scheme)
-        self.transition = get_transition(cfg.sampler.sde)
+        self.transition = get_transition(cfg.sampler.sde)  # the one SDE step of the rollout and the update
         self.sigmas = make_sigmas(cfg.sampler.num_steps, cfg.sampler.shift)
         if not any(p.requires_grad for p in self.policy.parameters()):
             raise ValueError("model: no trainable parameters")
         if cfg.fsdp and cfg.train.kl_coef > 0:
-            raise ValueError("train.kl_coef > 0 is not supported with fsdp=true yet (the reference call needs whole weights)")
+            raise ValueError("train.kl_coef > 0 is not supported with fsdp=true yet "
+                             "(the reference call needs whole weights)")
         autocast = None if cfg.model.autocast == "none" else getattr(torch, cfg.model.autocast)
-        self.velocity_module = _Velocity(self.policy, autocast)
+        self.velocity_module = odist.VelocityModule(self.policy, autocast)
         self.fsdp = cfg.fsdp and self.info.distributed
-        self.model = self._wrap(self.velocity_module)
+        self.model = odist.wrap(self.velocity_module, self.info, self.fsdp, cfg.ddp_find_unused_parameters)
         # collected after wrapping: FSDP2 replaces the parameters by sharded ones
         self.params = {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
         t = cfg.train
@@ -103,50 +94,23 @@ class Trainer:
         self.ref = {n: p.detach().clone() for n, p in self.params.items()} if t.kl_coef > 0 else None
         self.start_iteration = 0
         self.weight_profiles: list[list[float]] = []
-        self.writer = None
-
-    # ------------------------------------------------------------------ setup helpers
-
-    def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        if not self.info.distributed:
-            return module
-        if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            # frozen parts (text encoders, VAE) stay whole: they are used outside the wrapped forward
-            frozen = {p for p in module.parameters() if not p.requires_grad}
-            return fully_shard(module, ignored_params=frozen)
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(
-            module,
-            device_ids=[self.info.device.index] if self.info.device.type == "cuda" else None,
-            find_unused_parameters=self.cfg.ddp_find_unused_parameters,
-        )
 
     def resume(self) -> None:
         """Load the latest checkpoint of ``run_dir``: weights, EMA, optimizer and loop state."""
         ck = load_checkpoint(latest_checkpoint(self.run_dir))
         missing = set(self.params) ^ set(ck["weights"])
         if missing:
-            raise ValueError(f"checkpoint does not match the model: {len(missing)} mismatched tensors, e.g. {sorted(missing)[0]}")
+            raise ValueError(f"checkpoint does not match the model: {len(missing)} mismatched tensors, "
+                             f"e.g. {sorted(missing)[0]}")
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(_like(ck["weights"][n], p))
+                p.copy_(odist.like(ck["weights"][n], p))
         if self.ema is not None and ck["ema"] is not None:
-            self.ema = {n: _like(t, self.params[n]) for n, t in ck["ema"].items()}
-        self._load_optimizer_state(ck["optimizer"])
+            self.ema = {n: odist.like(t, self.params[n]) for n, t in ck["ema"].items()}
+        odist.load_optimizer_state(self.optimizer, ck["optimizer"], self.fsdp)
         self.start_iteration = ck["state"]["iteration"]
         self.weight_profiles = ck["state"].get("weight_profiles", [])
-        self._truncate_metrics(self.start_iteration)
-
-    def _truncate_metrics(self, iteration: int) -> None:
-        """Drop log rows written after the checkpoint, so a resumed run's logs equal an uninterrupted run's."""
-        for name, keep in (("metrics.jsonl", lambda i: i < iteration), ("eval.jsonl", lambda i: i <= iteration)):
-            path = self.run_dir / name
-            if self.info.is_main and path.is_file():
-                rows = [l for l in path.read_text().splitlines() if l and keep(json.loads(l)["iteration"])]
-                path.write_text("".join(r + "\n" for r in rows))
+        self.runlog.truncate(self.start_iteration)
 
     # ------------------------------------------------------------------ the loop
 
@@ -155,45 +119,50 @@ class Trainer:
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        summary_path = self.run_dir / "summary.json"
-        prior = json.loads(summary_path.read_text()) if self.start_iteration and summary_path.is_file() else {}
+        prior = (self.runlog.summary() or {}) if self.start_iteration else {}
         eval_before = prior.get("eval_before") or self.evaluate("before").metrics
         bar = self._progress()
         for it in range(self.start_iteration, cfg.train.iterations):
-            batch = self.sample_prompts(it)
-            traj, cond = self.rollout(batch, it)
-            rewards = self.score(traj, batch)
-            credit, adv, mask = self.assign_credit(traj, rewards, batch, it)
-            stats = self.update(traj, cond, adv, mask)
-            row = self.log(it, rewards, credit, mask, stats, time.time() - t0)
+            times: dict[str, float] = {}
+            with timed(times, "rollout"):
+                batch = self.sample_prompts(it)
+                traj, cond = self.rollout(batch, it)
+            with timed(times, "score"):
+                rewards = self.score(traj, batch)
+            with timed(times, "credit"):
+                credit = self.assign_credit(traj, rewards, batch, it)
+            with timed(times, "update"):
+                stats = self.update(traj, cond, credit)
+            row = self.log_row(it, credit, stats, time.time() - t0)
+            if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.train.iterations:
+                with timed(times, "eval"):
+                    self.runlog.append_eval(it + 1, self.evaluate(None).metrics)
+            if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
+                with timed(times, "checkpoint"):
+                    self.save(it + 1)
+            self.runlog.append({**row, **times})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1][:10]: f"{v:.3f}" for k, v in row.items() if k.startswith("reward/")})
-            if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.train.iterations:
-                self.log_eval(it + 1, self.evaluate(None).metrics)
-            if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
-                self.save(it + 1)
         if bar is not None:
             bar.close()
         after = self.evaluate("after")
         self.save(cfg.train.iterations)
-        wall = time.time() - t0 + prior.get("wall_seconds", 0.0)
         summary = {
             "scheme": cfg.train.scheme,
             "iterations": cfg.train.iterations,
             "eval_before": eval_before,
             "eval_after": after.metrics,
-            "wall_seconds": wall,
+            "wall_seconds": time.time() - t0 + prior.get("wall_seconds", 0.0),
             "world_size": self.info.world_size,
-            "diagnostics": self._run_diagnostics() if self.info.is_main else {},
+            "diagnostics": run_diagnostics(self.runlog.rows()) if self.info.is_main else {},
         }
-        if self.info.is_main:
-            self.log_eval(cfg.train.iterations, after.metrics)
-            summary_path.write_text(json.dumps(summary, indent=1))
-            if cfg.plots:
-                self.write_plots()
-        if self.writer is not None:
-            self.writer.close()
+        self.runlog.append_eval(cfg.train.iterations, after.metrics)
+        self.runlog.write_summary(summary)
+        if self.info.is_main and cfg.plots:
+            plot_curves(self.runlog.rows(), [f"reward/{n}" for n in self.rewards.names], self.run_dir, prefix="curve")
+            plot_weight_heatmap(self.weight_profiles, self.run_dir / "credit_weights.png")
+        self.runlog.close()
         return summary
 
     # ------------------------------------------------------------------ phases
@@ -213,14 +182,16 @@ class Trainer:
         )
 
     def rollout(self, batch: Batch, it: int) -> tuple[Trajectory, Any]:
+        """This rank's trajectories (the sampling policy's log-densities included) and the prompts' conditioning."""
         s = self.cfg.sampler
         cond = self.policy.encode(batch.prompts)
-        x = initial_noise(self.policy, self.cfg.seed, it, batch.indices, batch.group_ids.tolist(), s.same_noise_per_group)
-        with self.eval_mode():
+        groups = batch.group_ids.tolist()
+        x = initial_noise(self.policy, self.cfg.seed, it, batch.indices, groups, s.same_noise_per_group)
+        with eval_mode(self.policy):
             traj = sample_sde(
-                self.policy, cond, x, self.sigmas, sde=s.sde, eta=s.eta, seed=self.cfg.seed, iteration=it,
-                indices=batch.indices, final_latent=s.final_latent, micro_batch=self.cfg.train.micro_batch,
-                velocity=self.model,
+                self.policy, cond, x, self.sigmas, transition=self.transition, eta=s.eta, seed=self.cfg.seed,
+                iteration=it, indices=batch.indices, final_latent=s.final_latent,
+                micro_batch=self.cfg.train.micro_batch, velocity=self.model,
             )
         return traj, cond
 
@@ -228,44 +199,37 @@ class Trainer:
         """Decode the final latents and score them: ``[b, K]`` (a failing reward raises, naming itself)."""
         with torch.no_grad():
             pixels = self.policy.decode(traj.final).float().clamp(0, 1)
-        self._last_pixels = pixels
         return self.rewards(pixels, batch.prompts)
 
-    def assign_credit(
-        self, traj: Trajectory, rewards: torch.Tensor, batch: Batch, it: int
-    ) -> tuple[CreditOutput, torch.Tensor, torch.Tensor]:
+    def assign_credit(self, traj: Trajectory, rewards: torch.Tensor, batch: Batch, it: int) -> Credit:
         """The scheme's output on the gathered global batch, and this rank's advantages and mask ``[b, T]``."""
         t, info = self.cfg.train, self.info
-        T = len(self.sigmas) - 1
         n_global = t.prompts_per_iter * t.group_size
         mask_global = select_train_steps(
-            n_global, T, fraction=t.timestep_fraction, mode=t.timestep_selection, drop_last=t.drop_last_step,
-            generator=seeded_generator(self.cfg.seed, it, STREAM_STEP_MASK, 0),
+            n_global, len(self.sigmas) - 1, fraction=t.timestep_fraction, mode=t.timestep_selection,
+            drop_last=t.drop_last_step, generator=seeded_generator(self.cfg.seed, it, STREAM_STEP_MASK, 0),
         )
-        gains = tcd_gains(traj.latents, traj.final)  # [b, T] fp32, cheap, local
         dev = info.device
+        gains = odist.all_gather_rows(tcd_gains(traj.latents, traj.final).to(dev), info).cpu()  # [B, T] fp32
         inputs = CreditInputs(
             rewards=odist.all_gather_rows(rewards.to(dev), info).cpu(),
             group_ids=odist.all_gather_rows(batch.group_ids.to(dev), info).cpu(),
             mask=mask_global,
             sigmas=self.sigmas,
-            gains=odist.all_gather_rows(gains.to(dev), info).cpu(),
+            gains=gains,
             reward_weights=self.reward_weights,
             reward_names=tuple(self.rewards.names),
         )
         out = self.scheme(inputs, t.credit)
-        self._global_credit = (inputs, out)
-        if self.cfg.save_credit and info.is_main:
-            from safetensors.torch import save_file
-
-            (self.run_dir / "credit").mkdir(parents=True, exist_ok=True)
-            tensors = {"rewards": inputs.rewards, "gains": inputs.gains, "mask": inputs.mask.to(torch.uint8),
-                       "group_ids": inputs.group_ids, "advantages": out.advantages, "weights": out.weights}
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.run_dir / "credit" / f"iter-{it:06d}.safetensors"))
+        if self.cfg.save_credit:
+            self.runlog.write_credit(it, {
+                "rewards": inputs.rewards, "gains": gains, "mask": inputs.mask.to(torch.uint8),
+                "group_ids": inputs.group_ids, "advantages": out.advantages, "weights": out.weights,
+            })
         mine = info.shard(n_global)
-        return out, out.advantages[mine], mask_global[mine]
+        return Credit(inputs, out, out.advantages[mine], mask_global[mine])
 
-    def update(self, traj: Trajectory, cond: Any, adv: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    def update(self, traj: Trajectory, cond: Any, credit: Credit) -> dict[str, float]:
         """Clipped-surrogate steps on this rank's rollouts; gradients averaged over ranks by DDP/FSDP.
 
         Every rank runs the same sequence of forward/backward calls (one per micro-batch and trained step),
@@ -274,12 +238,13 @@ class Trainer:
         """
         t, info = self.cfg.train, self.info
         dev = info.device
+        adv, mask = credit.advantages.to(dev), credit.mask.to(dev)  # [b, T] each
         b, T = adv.shape
-        adv, mask = adv.to(dev), mask.to(dev)
-        old_logp = traj.log_probs.to(dev)
-        parts = [slice(i * b // t.updates_per_iter, (i + 1) * b // t.updates_per_iter) for i in range(t.updates_per_iter)]
+        old_logp = traj.log_probs.to(dev)  # [b, T]
+        n_parts = t.updates_per_iter
+        parts = [slice(i * b // n_parts, (i + 1) * b // n_parts) for i in range(n_parts)]
         steps = [k for k in range(T) if bool(odist.all_reduce_sum(mask[:, k].sum(), info) > 0)]
-        acc = _MetricAccumulator()
+        acc = LossMetrics()
         first_ratio_dev = None
         for epoch in range(t.inner_epochs):
             for pi, part in enumerate(parts):
@@ -290,8 +255,7 @@ class Trainer:
                 calls = [(mb, k) for mb in _chunks(part, t.micro_batch) for k in steps]
                 self.optimizer.zero_grad(set_to_none=True)
                 for ci, (mb, k) in enumerate(calls):
-                    sync = ci == len(calls) - 1
-                    with self._no_sync(not sync):
+                    with odist.no_sync(self.model, skip_sync=ci < len(calls) - 1):
                         loss, m = self._step_loss(traj, cond, adv, mask, old_logp, mb, k, normalizer)
                         loss.backward()
                     acc.add(m, int(mask[mb, k].sum()))
@@ -325,29 +289,43 @@ class Trainer:
 
     def _ref_velocity(self, x: torch.Tensor, k: int, cond: Any) -> torch.Tensor:
         """Velocity of the initial policy: the trainable weights replaced by their snapshot for this call only."""
+        assert self.ref is not None
         ref = {f"policy.{n}": w for n, w in self.ref.items()}
-        sigma = self._sigma(k, x)
-        return torch.func.functional_call(self.velocity_module, ref, (x, sigma, cond), strict=False)
+        return call_with_weights(self.velocity_module, ref, x, self._sigma(k, x), cond)
 
     def _optimizer_step(self) -> None:
         t = self.cfg.train
         if t.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), t.grad_clip)
         self.optimizer.step()
-        if self.ema is not None:
+        if self.ema is not None and t.ema_decay:
             with torch.no_grad():
                 for n, p in self.params.items():
                     self.ema[n].lerp_(p.detach(), 1.0 - t.ema_decay)
 
-    # ------------------------------------------------------------------ eval, logging, checkpoints
+    # ------------------------------------------------------------------ log, eval, checkpoints
+
+    def log_row(self, it: int, credit: Credit, stats: dict[str, float], elapsed: float) -> dict[str, float]:
+        """The iteration's log row (rewards, credit and update metrics); records the step-weight profile."""
+        inputs, out = credit.inputs, credit.output
+        row: dict[str, float] = {"iteration": it, "wall_seconds": elapsed}
+        for k, name in enumerate(self.rewards.names):
+            row[f"reward/{name}"] = float(inputs.rewards[:, k].mean())
+        row.update({f"credit/{k}": float(v) for k, v in out.metrics.items()})
+        row["credit/zero_variance_groups"] = zero_variance_groups(inputs.rewards, inputs.group_ids)
+        row.update({f"train/{k}": v for k, v in stats.items()})
+        profile = step_weight_profile(out.weights, inputs.mask)
+        self.weight_profiles.append([round(float(w), 5) for w in profile])
+        return row
 
     def evaluate(self, tag: str | None) -> EvalResult:
+        """The eval suite on the EMA weights (when kept); ``tag``: also a sample grid ``samples_<tag>.png``."""
         e, s = self.cfg.eval, self.cfg.sampler
-        with self.swapped(self.ema), self.eval_mode():
+        with swapped(self.params, self.ema), eval_mode(self.policy):
             res = evaluate_policy(
                 self.policy, self.rewards, self.eval_prompts, samples_per_prompt=e.samples_per_prompt,
-                num_steps=s.eval_steps, shift=s.shift, seed=e.seed, suite=e.metrics, micro_batch=self.cfg.train.micro_batch * 2,
-                velocity=self.model,
+                num_steps=s.eval_steps, shift=s.shift, seed=e.seed, suite=e.metrics,
+                micro_batch=self.cfg.train.micro_batch * 2, velocity=self.model,
             )
         if tag is not None and self.info.is_main and self.cfg.plots:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -355,40 +333,11 @@ class Trainer:
                       title=f"{tag} training ({self.cfg.train.scheme})")
         return res
 
-    def log(self, it: int, rewards, credit: CreditOutput, mask, stats: dict[str, float], elapsed: float) -> dict[str, float]:
-        inputs, out = self._global_credit
-        r = inputs.rewards
-        row: dict[str, float] = {"iteration": it, "wall_seconds": elapsed}
-        for k, name in enumerate(self.rewards.names):
-            row[f"reward/{name}"] = float(r[:, k].mean())
-        row.update({f"credit/{k}": float(v) for k, v in out.metrics.items()})
-        row["credit/zero_variance_groups"] = zero_variance_groups(r, inputs.group_ids)
-        row.update({f"train/{k}": v for k, v in stats.items()})
-        profile = step_weight_profile(out.weights, inputs.mask)
-        self.weight_profiles.append([round(float(w), 5) for w in profile])
-        if self.info.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            w = self._tb()
-            for k, v in row.items():
-                if k != "iteration":
-                    w.add_scalar(k, v, it)
-        return row
-
-    def log_eval(self, it: int, metrics: dict[str, float]) -> None:
-        if not self.info.is_main:
-            return
-        with open(self.run_dir / "eval.jsonl", "a") as f:
-            f.write(json.dumps({"iteration": it, **metrics}) + "\n")
-        w = self._tb()
-        for k, v in metrics.items():
-            w.add_scalar(f"eval/{k}" if not k.startswith("eval/") else k, v, it)
-
     def save(self, iteration: int) -> None:
         """Every rank takes part (FSDP2 gathers whole tensors); the main process writes."""
-        weights = {n: _whole(p) for n, p in self.params.items()}
-        ema = {n: _whole(t) for n, t in self.ema.items()} if self.ema is not None else None
-        optim = self._optimizer_state()
+        weights = {n: odist.whole(p) for n, p in self.params.items()}
+        ema = {n: odist.whole(t) for n, t in self.ema.items()} if self.ema is not None else None
+        optim = odist.optimizer_state(self.optimizer, self.fsdp)
         if self.info.is_main:
             save_checkpoint(
                 self.run_dir, iteration, weights, optim,
@@ -396,146 +345,15 @@ class Trainer:
             )
         odist.barrier(self.info)
 
-    def _optimizer_state(self) -> dict:
-        """The optimizer state with whole tensors (FSDP2 shards are gathered: a collective on every rank)."""
-        state = self.optimizer.state_dict()
-        if self.fsdp:
-            state["state"] = {i: {k: _whole(v) for k, v in st.items()} for i, st in state["state"].items()}
-        return state
+    # ------------------------------------------------------------------ small helpers
 
-    def _load_optimizer_state(self, state: dict) -> None:
-        if self.fsdp:  # re-shard each moment like its parameter
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            state["state"] = {
-                i: {k: v if v.dim() == 0 else _like(v, params[int(i)]) for k, v in st.items()}
-                for i, st in state["state"].items()
-            }
-        self.optimizer.load_state_dict(state)
-
-    def _run_diagnostics(self) -> dict[str, float]:
-        """Credit and PPO diagnostics averaged over the run's iterations (from metrics.jsonl)."""
-        path = self.run_dir / "metrics.jsonl"
-        rows = [json.loads(l) for l in path.read_text().splitlines() if l] if path.is_file() else []
-        keys = [k for k in (rows[0] if rows else {}) if k.startswith(("credit/", "train/clip_frac", "train/approx_kl"))]
-        out = {f"mean_{k}": sum(r[k] for r in rows) / len(rows) for k in keys}
-        if rows:
-            out["max_train/ratio_first_step_max_dev"] = max(r["train/ratio_first_step_max_dev"] for r in rows)
-        return out
-
-    def write_plots(self) -> None:
-        rows = [json.loads(l) for l in (self.run_dir / "metrics.jsonl").read_text().splitlines() if l]
-        keys = [f"reward/{n}" for n in self.rewards.names]
-        plot_curves(rows, keys, self.run_dir, prefix="curve")
-        plot_weight_heatmap(self.weight_profiles, self.run_dir / "credit_weights.png")
-
-    # ------------------------------------------------------------------ small context helpers
-
-    def _tb(self):
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        return self.writer
-
-    def _progress(self):
+    def _progress(self) -> Any:
         if not (self.cfg.progress and self.info.is_main):
             return None
         from tqdm import tqdm
 
         return tqdm(total=self.cfg.train.iterations, initial=self.start_iteration, desc=f"otca {self.cfg.train.scheme}")
 
-    def _no_sync(self, skip_sync: bool):
-        if skip_sync and hasattr(self.model, "no_sync"):
-            return self.model.no_sync()
-        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
-            self.model.set_requires_gradient_sync(not skip_sync)
-        return nullcontext()
-
-    def eval_mode(self):
-        return _EvalMode(self.policy)
-
-    def swapped(self, weights: dict[str, torch.Tensor] | None):
-        return _Swapped(self.params, weights)
-
-
-class _EvalMode:
-    """Run a module in eval mode for the duration of a block (restores the previous mode)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
-
-    def __enter__(self):
-        self.was_training = self.module.training
-        self.module.eval()
-
-    def __exit__(self, *exc):
-        self.module.train(self.was_training)
-
-
-class _Swapped:
-    """Temporarily load other values (EMA, reference) into the trainable parameters."""
-
-    def __init__(self, params: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor] | None):
-        self.params, self.weights = params, weights
-
-    def __enter__(self):
-        if self.weights is None:
-            return
-        self.saved = {n: p.detach().clone() for n, p in self.params.items()}
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(self.weights[n])
-
-    def __exit__(self, *exc):
-        if self.weights is None:
-            return
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(self.saved[n])
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a (possibly FSDP2-sharded DTensor) parameter, detached."""
-    t = t.detach()
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _like(whole: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``whole`` laid out like parameter ``p``: sharded the same way when ``p`` is an FSDP2 DTensor."""
-    if hasattr(p, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(whole.to(p.device, p.dtype), p.device_mesh, p.placements)
-    return whole.to(p.device, p.dtype)
-
 
 def _chunks(part: slice, size: int) -> list[slice]:
     return [slice(i, min(i + size, part.stop)) for i in range(part.start, part.stop, size)]
-
-
-class _MetricAccumulator:
-    """Count-weighted means of the loss metrics over the calls of an update."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.n = 0
-        self.rmin, self.rmax = float("inf"), float("-inf")
-
-    def add(self, m: dict[str, float], n: int) -> None:
-        if n == 0:
-            return
-        self.n += n
-        for k, v in m.items():
-            if k in ("ratio_min", "ratio_max", "num_trained"):
-                continue
-            self.sums[k] = self.sums.get(k, 0.0) + v * n
-        self.rmin = min(self.rmin, m["ratio_min"])
-        self.rmax = max(self.rmax, m["ratio_max"])
-
-    def ratio_dev(self) -> float:
-        return max(abs(self.rmin - 1.0), abs(self.rmax - 1.0)) if self.n else float("nan")
-
-    def result(self) -> dict[str, float]:
-        out = {k: v / max(self.n, 1) for k, v in self.sums.items()}
-        out.update(ratio_min=self.rmin, ratio_max=self.rmax)
-        return out
