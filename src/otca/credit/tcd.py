@@ -29,7 +29,8 @@ def similarity_to_final(latents: torch.Tensor, final: torch.Tensor) -> torch.Ten
     f = final.detach().reshape(B, -1, 1).float()  # [B, D, 1]
     dot = torch.bmm(z, f).squeeze(2)  # [B, T+1]
     norms = torch.linalg.vector_norm(z, dim=2) * torch.linalg.vector_norm(f, dim=(1, 2)).unsqueeze(1)  # [B, T+1]
-    return dot / norms.clamp_min(torch.finfo(torch.float32).tiny)  # [B, T+1]
+    S: torch.Tensor = dot / norms.clamp_min(torch.finfo(torch.float32).tiny)  # [B, T+1]
+    return S
 
 
 def tcd_gains(latents: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
