@@ -10,7 +10,8 @@ every reward per sample (states 0..T-2 and T; state T-1's prediction is the scor
 - *recomputed*: the velocity is evaluated again at every state (T more policy forwards), as ``otca
   analyze-credit`` does today.
 
-Plus the credit call itself (``step-moca`` vs ``otca``). Means over ``--iters`` iterations after ``--warmup``.
+Plus the credit call itself (``step-moca`` vs ``otca``) and each scheme's mean |advantage| on the same rollouts
+(the step size a scheme gives the update). Means over ``--iters`` iterations after ``--warmup``.
 
     OMP_NUM_THREADS=1 python benchmarks/step_rewards_cost.py [--config FILE] [--iters 5] [--warmup 1]
                                                              [--threads 1] [key=value ...]
@@ -30,6 +31,8 @@ from otca.credit import CreditConfig, CreditInputs, get_scheme, tcd_gains
 from otca.rollout import velocity_in_chunks
 from otca.step_rewards import clean_predictions, score_states
 
+SIZE_OF = ("grpo", "tcd", "reward-gain", "moca", "otca", "reward-gain-moca", "step-moca")
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,6 +47,7 @@ def main() -> None:
     trainer = build_trainer(args.config, args.overrides)
     micro = trainer.cfg.train.micro_batch
     totals: dict[str, float] = defaultdict(float)
+    size: dict[str, float] = defaultdict(float)
     last = 0.0
 
     def tick(phase: str) -> None:
@@ -85,6 +89,9 @@ def main() -> None:
             last = time.perf_counter()
             get_scheme(name)(inputs, CreditConfig())
             tick(f"credit: {name}")
+        if measuring:  # step size of each scheme on this rollout (mean |advantage| over trained steps)
+            for name in SIZE_OF:
+                size[name] += get_scheme(name)(inputs, CreditConfig()).metrics["adv_abs_mean"] / args.iters
 
     iteration = sum(v for k, v in totals.items() if not k.startswith(("extra", "credit: ")))
     print(header(trainer))
@@ -97,6 +104,8 @@ def main() -> None:
     for label, extra in (("rollout keeps x0_hat", kept), ("x0_hat recomputed", recomputed)):
         print(f"step_rewards every iteration, {label:<21}: +{extra:.3f} s = {extra / iteration:.1%} more per iteration"
               f"; every 4th iteration: +{extra / 4 / iteration:.1%}")
+    print("mean |advantage| over trained steps (all steps here): "
+          + ", ".join(f"{n} {v:.3f}" for n, v in size.items()))
 
 
 if __name__ == "__main__":
