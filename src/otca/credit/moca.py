@@ -18,6 +18,33 @@ def trajectory_score(dS: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w.float() * dS.float()).sum(dim=1)  # [B]
 
 
+def exploration_signal(
+    q: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    center: bool = False,
+    std: Std = "unbiased",
+) -> torch.Tensor:
+    """Eq. 12: ``e_i = |q_i| / (std_group(q) + eps)`` ``[B]`` from trajectory scores ``q [B]``.
+
+    ``center=True``: ``|q_i - mean_group(q)|``, the "deviation from the group average" of Sec. 6.2; the paper's
+    formulas use the uncentred ``|q_i|``.
+    """
+    if not eps > 0:
+        raise ValueError(f"eps: expected > 0, got {eps!r}")
+    dev, sd, _ = group_center(q.float().unsqueeze(1), group_ids, std=std)  # [B, 1], [B, 1]
+    spread = dev if center else q.float().unsqueeze(1)  # [B, 1]
+    return (spread.abs() / (sd + eps)).squeeze(1)  # [B]
+
+
+def exploration_gate(advantages: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The sign factor of Eq. 14, ``relu(sum_k A_k) / (|sum_k A_k| + eps)`` ``[N]`` for rows ``A [N, K]``:
+    about 1 when the objectives' advantages sum to a positive value, 0 otherwise."""
+    total = advantages.float().sum(dim=1)  # [N]
+    return total.relu() / (total.abs() + eps)  # [N]
+
+
 def exploration_strength(
     advantages: torch.Tensor,
     q: torch.Tensor,
@@ -29,17 +56,11 @@ def exploration_strength(
 ) -> torch.Tensor:
     """Exploration strength ``lambda [B]`` (Eq. 12 and 14).
 
-    ``e_i = |q_i| / (std_group(q) + eps)`` (``center=True``: ``|q_i - mean_group(q)|``, the "deviation from the
-    group average" of Sec. 6.2; the paper's formulas use the uncentred ``|q_i|``), then
+    ``e_i`` is :func:`exploration_signal` (``center`` as there), then
     ``lambda_i = relu(sum_k A_ik) / (|sum_k A_ik| + eps) * tanh(e_i)``. ``advantages [B, K]``, ``q [B]``.
     """
-    if not eps > 0:
-        raise ValueError(f"eps: expected > 0, got {eps!r}")
-    dev, sd, _ = group_center(q.float().unsqueeze(1), group_ids, std=std)  # [B, 1], [B, 1]
-    spread = dev if center else q.float().unsqueeze(1)  # [B, 1]
-    e = (spread.abs() / (sd + eps)).squeeze(1)  # [B], Eq. 12
-    total = advantages.float().sum(dim=1)  # [B]
-    return total.relu() / (total.abs() + eps) * torch.tanh(e)  # [B], Eq. 14
+    e = exploration_signal(q, group_ids, eps=eps, center=center, std=std)  # [B], Eq. 12
+    return exploration_gate(advantages, eps) * torch.tanh(e)  # [B], Eq. 14
 
 
 def _alg1(advantages: torch.Tensor, lam: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,12 +14,13 @@ trainer only ever calls ``get_scheme(name)(inputs, config)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from otca.credit.group import gdpo_advantages, group_normalize, normalize_then_sum, sum_then_normalize
 from otca.credit.moca import exploration_strength, moca_fuse, trajectory_score
@@ -57,6 +58,21 @@ class CreditConfig(BaseModel):
     batch_std: bool = False
     """Divide by one std over the whole batch instead of each group's (Flow-GRPO global_std); means stay per
     group. Applies to every scheme's reward normalisation (not to MOCA's Eq. 12 std of q)."""
+    step_profile: tuple[tuple[float, ...], ...] | None = None
+    """Per-objective step profile of the profile-moca scheme: K lists (one per reward, in the run's reward order)
+    of T numbers (one per sampler transition), e.g. each objective's mean per-step reward gain of the clean
+    prediction (otca.credit.gain_profile) measured on an earlier run; turned into mean-1 weights with the TCD
+    floor (relu, eps_w, w_min). None: the scheme is unusable. Other schemes ignore it."""
+
+    @field_validator("step_profile")
+    @classmethod
+    def _profile_rows(cls, v: tuple[tuple[float, ...], ...] | None) -> tuple[tuple[float, ...], ...] | None:
+        if v is not None:
+            lengths = {len(row) for row in v}
+            if not v or len(lengths) != 1 or 0 in lengths or not all(math.isfinite(x) for row in v for x in row):
+                raise ValueError(f"expected K >= 1 lists of the same length T >= 1 of finite numbers, got lengths "
+                                 f"{[len(row) for row in v]}")
+        return v
 
 
 def _require(ok: bool, field_name: str, expected: str, got: object) -> None:
@@ -70,7 +86,9 @@ class CreditInputs:
 
     ``gains`` are the TCD similarity gains of :func:`otca.credit.tcd.tcd_gains`; schemes that need them (tcd,
     moca, otca) raise without them. The trainer computes them per process and all-gathers them, so schemes
-    never see latents.
+    never see latents. ``step_rewards`` are the rewards of the decoded clean prediction of every state (costly:
+    T decodes and reward calls per sample), computed only when the scheme declares it needs them
+    (:func:`scheme_needs`).
     """
 
     rewards: torch.Tensor  # [B, K] raw scores, one column per objective
@@ -81,6 +99,7 @@ class CreditInputs:
     # [K] objective weights beta (linear aggregators: sum_k beta_k A_k; MOCA scales A_k by beta_k)
     reward_weights: torch.Tensor | None = None
     reward_names: tuple[str, ...] | None = None  # K names used in the metrics (share/<name>); default "0".."K-1"
+    step_rewards: torch.Tensor | None = None  # [B, T+1, K] reward k of decode(x0_hat) at state t; t = T the final
 
     def __post_init__(self) -> None:
         r, m = self.rewards, self.mask
@@ -107,6 +126,11 @@ class CreditInputs:
                      f"[{K}] values >= 0 with a positive sum", w.tolist())
         if self.reward_names is not None:
             _require(len(self.reward_names) == K, "reward_names", f"{K} names", list(self.reward_names))
+        if self.step_rewards is not None:
+            sr = self.step_rewards
+            _require(sr.shape == (B, T + 1, K) and sr.is_floating_point(), "step_rewards",
+                     f"a float [{B}, {T + 1}, {K}] tensor ([B, T+1, K])", f"{sr.dtype} {list(sr.shape)}")
+            _require(bool(torch.isfinite(sr).all()), "step_rewards", "finite values", "NaN/inf")
 
     @classmethod
     def from_trajectory(
@@ -120,13 +144,14 @@ class CreditInputs:
         mask: torch.Tensor | None = None,
         reward_weights: torch.Tensor | None = None,
         reward_names: tuple[str, ...] | None = None,
+        step_rewards: torch.Tensor | None = None,
     ) -> CreditInputs:
         """Inputs with the TCD gains computed from ``latents [B, T+1, ...]`` and ``final [B, ...]``;
         ``mask`` defaults to every step."""
         gains = tcd_gains(latents, final)  # [B, T]
         if mask is None:
             mask = torch.ones(gains.shape, dtype=torch.bool, device=gains.device)
-        return cls(rewards, group_ids, mask, sigmas, gains, reward_weights, reward_names)
+        return cls(rewards, group_ids, mask, sigmas, gains, reward_weights, reward_names, step_rewards)
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,6 +200,38 @@ def scheme_names() -> list[str]:
     return SCHEMES.names()
 
 
+# ---- optional inputs: a scheme (or one of its parts) declares the ones it reads ----
+
+OPTIONAL_INPUTS = frozenset({"gains", "step_rewards"})
+"""The :class:`CreditInputs` fields a caller computes only for a scheme that asks for them."""
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def requires(*names: str) -> Callable[[F], F]:
+    """Decorator: ``fn`` reads the optional inputs ``names`` (of :data:`OPTIONAL_INPUTS`); sets ``fn.needs``.
+
+    The trainer asks :func:`scheme_needs` which inputs to compute (``step_rewards`` costs T decodes and reward
+    calls per sample), so it never has to know a scheme by its name.
+    """
+    unknown = sorted(set(names) - OPTIONAL_INPUTS)
+    if unknown:
+        raise ValueError(f"requires: unknown optional input(s) {unknown}; known are {sorted(OPTIONAL_INPUTS)}")
+
+    def mark(fn: F) -> F:
+        # setattr: a plain `fn.needs = ...` does not type-check on a Callable
+        setattr(fn, "needs", scheme_needs(fn) | frozenset(names))  # noqa: B010
+        return fn
+
+    return mark
+
+
+def scheme_needs(fn: object) -> frozenset[str]:
+    """The optional inputs a scheme, weighter or aggregator declared with :func:`requires` (none if it did not)."""
+    needs: object = getattr(fn, "needs", frozenset())
+    return frozenset(needs) if isinstance(needs, (set, frozenset)) else frozenset()
+
+
 # ---- temporal weighters: [B, T], mean 1 over each row's trained steps, 0 outside ----
 
 
@@ -192,6 +249,7 @@ def uniform_weights(inputs: CreditInputs, config: CreditConfig) -> torch.Tensor:
     return inputs.mask.float()  # [B, T]
 
 
+@requires("gains")
 def tcd_step_weights(inputs: CreditInputs, config: CreditConfig) -> torch.Tensor:
     """TCD Eq. 8 with the ``w_min`` floor, from ``inputs.gains``."""
     return tcd_weights_from_gains(_gains(inputs), inputs.mask, config.eps_w, config.w_min)  # [B, T]
@@ -245,6 +303,7 @@ flow_grpo_aggregator = linear_aggregator(sum_then_normalize, std="population", e
 gdpo_aggregator = linear_aggregator(gdpo_advantages, std="unbiased", eps=1e-4)  # GDPO
 
 
+@requires("gains")
 def moca_aggregator(inputs: CreditInputs, config: CreditConfig) -> Aggregate:
     """MOCA (Eq. 12-14, Alg. 1) over ``beta``-scaled per-objective group advantages (DanceGRPO conventions).
 
@@ -302,7 +361,8 @@ def credit_metrics(
 
 
 def compose_scheme(weighter: TemporalWeighter, aggregator: Aggregator) -> CreditScheme:
-    """The scheme ``advantages = weighter(...) * clamp(aggregator(...).fused, +-adv_clip)[:, None]``."""
+    """The scheme ``advantages = weighter(...) * clamp(aggregator(...).fused, +-adv_clip)[:, None]``; it needs
+    the optional inputs its two parts need (:func:`scheme_needs`)."""
 
     def scheme(inputs: CreditInputs, config: CreditConfig) -> CreditOutput:
         agg = aggregator(inputs, config)
@@ -313,7 +373,7 @@ def compose_scheme(weighter: TemporalWeighter, aggregator: Aggregator) -> Credit
         metrics = credit_metrics(agg, per_sample, weights, advantages, inputs.mask, names)
         return CreditOutput(advantages, weights, per_sample, agg.objective_advantages, agg.coefficients, metrics)
 
-    return scheme
+    return requires(*(scheme_needs(weighter) | scheme_needs(aggregator)))(scheme)
 
 
 # The built-in schemes: a temporal weighter times a reward aggregator.
