@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from otca.flow import get_transition, ode_step, predict_x0
+from otca.flow import get_transition, mixed_step, ode_step, predict_x0
 from otca.models.base import FlowPolicy
 
 # Independent random streams of one iteration.
@@ -81,11 +81,14 @@ def sample_sde(
     final_latent: str = "x0",
     micro_batch: int = 16,
     velocity: Callable | None = None,
+    sde_steps: torch.Tensor | None = None,
 ) -> Trajectory:
     """Roll out ``x [b, *latent]`` through ``T = len(sigmas) - 1`` stochastic transitions.
 
     ``indices`` are the samples' global indices: the SDE noise of sample i comes from its own generator.
     ``velocity`` defaults to ``policy.velocity`` (the trainer passes its DDP/FSDP-wrapped module).
+    ``sde_steps [T]`` bool (an SDE window, :func:`otca.flow.sde_window`): ODE steps where False, with NaN
+    log-probs there (never trained); None: every step stochastic.
     """
     velocity = velocity or policy.velocity
     step = get_transition(sde)
@@ -98,7 +101,9 @@ def sample_sde(
         v = velocity_in_chunks(velocity, x, sig.to(x.device), cond, micro_batch)
         noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, torch.float32)
         x0_hat = predict_x0(x, v, float(sigmas[k]))
-        x, logp, _, _ = step(x, v, float(sigmas[k]), float(sigmas[k + 1]), eta=eta, noise=noise)
+        stochastic = sde_steps is None or bool(sde_steps[k])
+        s_k, s_next = float(sigmas[k]), float(sigmas[k + 1])
+        x, logp, _, _ = mixed_step(step, x, v, s_k, s_next, stochastic=stochastic, eta=eta, noise=noise)
         latents.append(x)
         log_probs.append(logp)
     final = x0_hat if final_latent == "x0" else x

@@ -19,6 +19,7 @@ from otca.flow.sde import (
     ode_step,
     predict_x0,
 )
+from otca.flow.window import WINDOWS, WindowSpec, mixed_step, sde_window, window_train_mask
 
 __all__ = [
     "OBJECTIVES",
@@ -42,4 +43,9 @@ __all__ = [
     "kl_to_reference",
     "ode_step",
     "predict_x0",
+    "WINDOWS",
+    "WindowSpec",
+    "mixed_step",
+    "sde_window",
+    "window_train_mask",
 ]
