@@ -131,3 +131,20 @@ def test_windowed_rollout_equals_a_loop_of_sde_and_euler_steps():
     assert torch.equal(first.latents[:, :3], full.latents[:, :3])
     assert torch.equal(first.log_probs[:, :2], full.log_probs[:, :2])
     assert not torch.equal(first.latents[:, 3], full.latents[:, 3])
+
+
+def test_rollout_keeps_the_transition_means_for_a_ratio_guard():
+    policy, T = _ToyPolicy(), 4
+    sigmas = make_sigmas(T, 3.0)
+    x0 = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1))
+    traj = sample_sde(policy, [None, None], x0, sigmas, sde="flow-sde", eta=0.7, seed=5, iteration=0, indices=[0, 1],
+                      keep_means=True)
+    assert traj.means is not None and traj.means.shape == (2, T, 3, 4)
+    for k in range(T):
+        x = traj.latents[:, k]
+        v = policy.velocity(x, sigmas[k].expand(2), None)
+        s_k, s_next = float(sigmas[k]), float(sigmas[k + 1])
+        _, lp, mean, _ = flow_sde_step(x, v, s_k, s_next, eta=0.7, prev=traj.latents[:, k + 1])
+        assert torch.equal(traj.means[:, k], mean) and torch.equal(traj.log_probs[:, k], lp)
+    assert sample_sde(policy, [None, None], x0, sigmas, sde="flow-sde", eta=0.7, seed=5, iteration=0,
+                      indices=[0, 1]).means is None

@@ -1,7 +1,17 @@
 """The flow-matching core: the sigma schedule, the sampler transitions with their log-densities, and the
 policy loss. Pure tensor functions in fp32; nothing here knows about models, files or configs."""
 
-from otca.flow.loss import OBJECTIVES, Objective, clipped_surrogate, log_hinge, policy_loss
+from otca.flow.loss import (
+    OBJECTIVES,
+    RATIO_GUARDS,
+    Objective,
+    RatioGuard,
+    RatioNorm,
+    StepGeometry,
+    clipped_surrogate,
+    log_hinge,
+    policy_loss,
+)
 from otca.flow.schedule import make_sigmas, shift_sigmas
 from otca.flow.sde import (
     TRANSITIONS,
@@ -24,6 +34,10 @@ from otca.flow.window import WINDOWS, WindowSpec, mixed_step, sde_window, window
 __all__ = [
     "OBJECTIVES",
     "Objective",
+    "RATIO_GUARDS",
+    "RatioGuard",
+    "RatioNorm",
+    "StepGeometry",
     "clipped_surrogate",
     "log_hinge",
     "policy_loss",
