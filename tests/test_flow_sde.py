@@ -259,8 +259,8 @@ def test_log_prob_gradient_treats_the_action_as_constant(name):
 def test_registry():
     assert get_transition("flow-sde") is flow_sde_step
     assert get_transition("dance-sde") is dance_sde_step
-    with pytest.raises(KeyError, match="dance-sde, flow-sde"):
-        get_transition("cps")
+    with pytest.raises(KeyError, match="cps, dance-sde, flow-sde"):
+        get_transition("ddpm")
 
 
 def test_kl_to_reference_matches_torch_distributions():

@@ -5,6 +5,7 @@
     otca train --resume RUN_DIR [key=value ...]  # continue a run from its latest checkpoint
     otca eval RUN_DIR                            # evaluate a run's latest weights
     otca sample RUN_DIR --prompt "a handwritten seven"
+    otca export RUN_DIR [--format lora|merged|full] [--ema] [--out DIR]   # weights diffusers loads
     otca compare [--schemes grpo,otca] [--seeds 0,1] [--quick] [key=value ...]     # schemes x seeds, one table
     otca analyze-credit [--run RUN_DIR | --config FILE] [key=value ...]            # is dS a proxy? (paper 6.1)
     otca config [--config FILE] [key=value ...]  # the resolved config as YAML, every field's docstring above it
@@ -42,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=8, help="samples per prompt")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="PNG path (default: RUN_DIR/sample.png)")
+
+    x = sub.add_parser("export", help="write a run's weights in diffusers' formats (LoRA, merged, full)")
+    x.add_argument("run_dir")
+    x.add_argument("--format", default="auto", help="auto (lora for LoRA runs, else full), lora, merged or full")
+    x.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")
+    x.add_argument("--out", help="output folder (default: RUN_DIR/export)")
 
     c = sub.add_parser(
         "compare", help="train several credit schemes over several seeds with identical compute; one table"
@@ -148,6 +155,14 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from otca.export import export_run
+
+    out = export_run(args.run_dir, args.out, fmt=args.format, ema=args.ema)
+    print(f"exported to {out} ({(out / 'export.json').read_text().strip()})")
+    return 0
+
+
 def _csv(text: str | None, cast=str) -> list | None:
     return None if text is None else [cast(x) for x in text.split(",") if x.strip()]
 
@@ -217,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     handler = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "pretrain": cmd_pretrain,
-               "compare": cmd_compare, "analyze-credit": cmd_analyze_credit, "config": cmd_config}[args.command]
+               "compare": cmd_compare, "analyze-credit": cmd_analyze_credit, "config": cmd_config,
+               "export": cmd_export}[args.command]
     try:
         return handler(args)
     except (ConfigError, CheckpointError, RewardError, FileNotFoundError, UnknownNameError, ValueError) as e:

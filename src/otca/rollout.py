@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from otca.flow import Transition, ode_step, predict_x0
+from otca.flow import Transition, mixed_step, ode_step, predict_x0
 from otca.models.base import FlowPolicy
 
 # Independent random streams of one iteration.
@@ -37,6 +37,7 @@ class Trajectory:
     log_probs: torch.Tensor  # [B, T] fp32: log-density of transition k under the sampling policy
     final: torch.Tensor  # [B, *latent]: the latent that is decoded and scored
     sigmas: torch.Tensor  # [T+1] fp32
+    means: torch.Tensor | None = None  # [B, T, *latent] fp32: transition means (kept for a ratio guard)
 
 
 def _chunks(n: int, size: int) -> list[slice]:
@@ -86,6 +87,8 @@ def sample_sde(
     final_latent: str = "x0",
     micro_batch: int = 16,
     velocity: Callable | None = None,
+    sde_steps: torch.Tensor | None = None,
+    keep_means: bool = False,
 ) -> Trajectory:
     """Roll out ``x [b, *latent]`` through ``T = len(sigmas) - 1`` stochastic transitions.
 
@@ -93,22 +96,30 @@ def sample_sde(
     and hands the same object to the rollout and the update, so the update re-evaluates exactly the sampled
     transition densities. ``indices`` are the samples' global indices: the SDE noise of sample i comes from
     its own generator. ``velocity`` defaults to ``policy.velocity`` (the trainer passes its DDP/FSDP-wrapped module).
+    ``sde_steps [T]`` bool (an SDE window, :func:`otca.flow.sde_window`): ODE steps where False, with NaN
+    log-probs there (never trained); None: every step stochastic. ``keep_means``: also keep each transition's
+    mean (``Trajectory.means``, what a ratio guard with ``needs_geometry`` reads as the old policy's mean).
     """
     velocity = velocity or policy.velocity
     gens = [seeded_generator(seed, iteration, STREAM_SDE_NOISE, int(i)) for i in indices]
     b, T = x.shape[0], len(sigmas) - 1
-    latents, log_probs = [x], []
+    latents, log_probs, means = [x], [], []
     x0_hat = x
     for k in range(T):
         sig = sigmas[k].expand(b)  # [b]
         v = velocity_in_chunks(velocity, x, sig.to(x.device), cond, micro_batch)
         noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, torch.float32)
         x0_hat = predict_x0(x, v, float(sigmas[k]))
-        x, logp, _, _ = transition(x, v, float(sigmas[k]), float(sigmas[k + 1]), eta=eta, noise=noise)
+        stochastic = sde_steps is None or bool(sde_steps[k])
+        s_k, s_next = float(sigmas[k]), float(sigmas[k + 1])
+        x, logp, mean, _ = mixed_step(transition, x, v, s_k, s_next, stochastic=stochastic, eta=eta, noise=noise)
+        if keep_means:
+            means.append(mean)
         latents.append(x)
         log_probs.append(logp)
     final = x0_hat if final_latent == "x0" else x
-    return Trajectory(torch.stack(latents, 1), torch.stack(log_probs, 1), final, sigmas)
+    kept = torch.stack(means, 1) if keep_means else None
+    return Trajectory(torch.stack(latents, 1), torch.stack(log_probs, 1), final, sigmas, kept)
 
 
 @torch.no_grad()

@@ -1,12 +1,24 @@
 """The flow-matching core: the sigma schedule, the sampler transitions with their log-densities, and the
 policy loss. Pure tensor functions in fp32; nothing here knows about models, files or configs."""
 
-from otca.flow.loss import OBJECTIVES, Objective, clipped_surrogate, log_hinge, policy_loss
+from otca.flow.loss import (
+    OBJECTIVES,
+    RATIO_GUARDS,
+    Objective,
+    RatioGuard,
+    RatioNorm,
+    StepGeometry,
+    clipped_surrogate,
+    log_hinge,
+    policy_loss,
+)
 from otca.flow.schedule import make_sigmas, shift_sigmas
 from otca.flow.sde import (
     TRANSITIONS,
+    CpsTransition,
     NoiseScale,
     Transition,
+    cps_step,
     dance_noise_scale,
     dance_sde_step,
     flow_noise_scale,
@@ -17,10 +29,15 @@ from otca.flow.sde import (
     ode_step,
     predict_x0,
 )
+from otca.flow.window import WINDOWS, WindowSpec, mixed_step, sde_window, window_train_mask
 
 __all__ = [
     "OBJECTIVES",
     "Objective",
+    "RATIO_GUARDS",
+    "RatioGuard",
+    "RatioNorm",
+    "StepGeometry",
     "clipped_surrogate",
     "log_hinge",
     "policy_loss",
@@ -29,6 +46,8 @@ __all__ = [
     "TRANSITIONS",
     "NoiseScale",
     "Transition",
+    "CpsTransition",
+    "cps_step",
     "dance_noise_scale",
     "dance_sde_step",
     "flow_noise_scale",
@@ -38,4 +57,9 @@ __all__ = [
     "kl_to_reference",
     "ode_step",
     "predict_x0",
+    "WINDOWS",
+    "WindowSpec",
+    "mixed_step",
+    "sde_window",
+    "window_train_mask",
 ]

@@ -1,11 +1,14 @@
 """The policy loss over per-(sample, step) log-probabilities and advantages, with a registry of surrogate
-objectives (``clip``: PPO / GRPO; ``log-hinge``: PCPO). Advantages are taken as given: credit schemes clip
-the fused per-sample advantage before temporal weighting, so nothing is clipped here."""
+objectives (``clip``: PPO / GRPO; ``log-hinge``: PCPO) and a registry of ratio guards (``none``; ``ratio-norm``:
+GRPO-Guard's RatioNorm with its per-step gradient reweighting). Advantages are taken as given: credit schemes
+clip the fused per-sample advantage before temporal weighting, so nothing is clipped here."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -36,6 +39,91 @@ def log_hinge(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: flo
     return torch.relu(clip_range * advantages.abs() - advantages * log_ratio)  # [B, T]
 
 
+@dataclass(frozen=True)
+class StepGeometry:
+    """What a ratio guard may read about each trained transition, all ``[B, T]`` fp32: ``mean_sq_dev`` the mean
+    over latent dims of ``(mean_theta - mean_old)^2`` (with gradient through ``mean_theta``), ``std`` the
+    transition's std, ``dt = sigma - sigma_next > 0``. Build one step's with :meth:`of_step`."""
+
+    mean_sq_dev: torch.Tensor  # [B, T]
+    std: torch.Tensor  # [B, T]
+    dt: torch.Tensor  # [B, T]
+
+    @staticmethod
+    def of_step(
+        mean: torch.Tensor, old_mean: torch.Tensor, std: torch.Tensor, sigma: float, sigma_next: float
+    ) -> StepGeometry:
+        """One step's geometry ``[B, 1]`` from the transition means ``[B, *latent]`` under the current and the
+        rollout policy and its ``std [B, 1, ..., 1]`` (what a :class:`~otca.flow.sde.Transition` returns)."""
+        dims = tuple(range(1, mean.dim()))
+        sq = ((mean.float() - old_mean.float()) ** 2).mean(dim=dims)  # [B]
+        dt = torch.full_like(sq, float(sigma) - float(sigma_next))  # [B]
+        return StepGeometry(sq[:, None], std.float().reshape(-1)[:, None].detach(), dt[:, None].detach())
+
+
+class RatioGuard(Protocol):
+    """A transform of the log importance ratio before the surrogate: ``(log_ratio [B, T], geometry) ->
+    (guarded log_ratio [B, T], per-entry loss weight [B, T])``. ``needs_geometry``: whether it reads a
+    :class:`StepGeometry` (then the rollout must keep the transition means)."""
+
+    @property
+    def needs_geometry(self) -> bool: ...
+
+    def __call__(
+        self, log_ratio: torch.Tensor, geometry: StepGeometry | None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+RATIO_GUARDS: Registry[RatioGuard] = Registry("ratio guard")
+
+
+@dataclass(frozen=True)
+class NoGuard:
+    """The plain ratio, weight 1 (Flow-GRPO, DanceGRPO, the OTCA paper)."""
+
+    needs_geometry: bool = False
+
+    def __call__(self, log_ratio: torch.Tensor, geometry: StepGeometry | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return log_ratio, torch.ones_like(log_ratio)
+
+
+@dataclass(frozen=True)
+class RatioNorm:
+    """GRPO-Guard (Wang et al., arXiv 2510.22319, CVPR 2026): RatioNorm plus per-step gradient reweighting.
+
+    For a Gaussian step with shared std ``s = sigma_t sqrt(dt)`` and ``x' = mean_old + s eps``, the per-dim
+    log-ratio is ``log r = eps * d / s - d^2 / (2 s^2)`` with ``d = mean_theta - mean_old``: its mean is biased
+    below 0 by ``d^2 / (2 s^2)`` and its spread scales with ``1 / s``, which differs across steps (the paper's
+    diagnosis). RatioNorm removes the bias and rescales by the std:
+
+        log r_hat = s * (log r + mean_d(d^2) / (2 s^2))        (= s * mean_d(eps d / s) = mean_d(eps d) for D = 1)
+
+    and the gradient reweighting multiplies each step's surrogate by ``delta = 1 / dt``:
+
+        J = 1/G sum_i 1/T sum_t delta_t * min(r_hat A, clip(r_hat, 1 - eps, 1 + eps) A).
+
+    Reading of the formula: the paper's equations as carried by its official code (Flow-GRPO's
+    ``train_sd3_GRPO_Guard.py``: ``ratio = exp((logp - logp_old + mse / (2 s^2)) * s)`` with the per-dim mean
+    convention, and ``policy_loss / sqrt_dt^2``); ``s`` here is the transition's own std, so the same code serves
+    Flow-SDE, Dance-SDE and CPS, while ``delta = 1 / dt`` is the paper's choice derived for the SDE steps (whose
+    mean moves by ``dt`` times the velocity). The paper pairs it with a tiny clip range (2e-6 to 4e-6): the
+    normalised log-ratio is of the order of the mean change, not of its ratio to the std.
+    """
+
+    needs_geometry: bool = True
+
+    def __call__(self, log_ratio: torch.Tensor, geometry: StepGeometry | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if geometry is None:
+            raise ValueError("ratio guard 'ratio-norm': needs the step geometry (transition means, std, dt)")
+        s = geometry.std.float()  # [B, T]
+        bias = geometry.mean_sq_dev.float() / (2 * s**2)  # [B, T]
+        return s * (log_ratio + bias), 1.0 / geometry.dt.float()  # [B, T], [B, T]
+
+
+RATIO_GUARDS.register("none")(NoGuard())
+RATIO_GUARDS.register("ratio-norm")(RatioNorm())
+
+
 def _check_bt(t: torch.Tensor, ref: torch.Tensor, name: str) -> None:
     if t.shape != ref.shape or t.dim() != 2:
         raise ValueError(f"{name}: expected a [B, T] tensor of shape {tuple(ref.shape)}, got {tuple(t.shape)}")
@@ -52,6 +140,8 @@ def policy_loss(
     kl: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     normalizer: float | None = None,
+    ratio_guard: str = "none",
+    geometry: StepGeometry | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss to minimise (a scalar) and its metrics, over the trained entries of ``mask [B, T]`` (bool).
 
@@ -64,6 +154,10 @@ def policy_loss(
     Gradient accumulation: with ``normalizer`` the loss is the *sum* over trained entries divided by
     ``normalizer``; calling this on chunks of steps (or samples) with ``normalizer`` = the total number of
     trained entries and summing the chunk losses reproduces the full-batch mean exactly.
+
+    ``ratio_guard`` (a name in :data:`RATIO_GUARDS`) transforms the log-ratio before the objective and weights
+    each entry's objective term (not the KL); ``geometry`` is what it reads (:class:`StepGeometry`, ``[B, T]``
+    fields). The ratio metrics are those of the guarded ratio.
 
     Metrics (python floats, means over this call's trained entries, NaN when there are none): ``clip_frac``
     (fraction with ``|rho - 1| > clip_range``), ``ratio_mean/min/max``, ``approx_kl`` (mean of
@@ -84,12 +178,23 @@ def policy_loss(
     elif kl_coef != 0:
         raise ValueError(f"kl: expected a [B, T] tensor since kl_coef is {kl_coef}, got None")
     surrogate = OBJECTIVES.get(objective)
+    guard = RATIO_GUARDS.get(ratio_guard)
 
     # Zero masked entries *before* any nonlinearity: where() then routes them an exact-zero gradient, whereas
     # zeroing afterwards would multiply a zero by an inf/NaN local derivative.
     log_ratio = torch.where(mask, log_probs.float() - old_log_probs.float(), 0.0)  # [B, T]
+    if geometry is not None:  # masked-out entries get harmless values, like the ratio (no inf/NaN gradient)
+        for name in ("mean_sq_dev", "std", "dt"):
+            _check_bt(getattr(geometry, name), log_probs, f"geometry.{name}")
+        geometry = StepGeometry(
+            torch.where(mask, geometry.mean_sq_dev.float(), 0.0),
+            torch.where(mask, geometry.std.float(), 1.0),
+            torch.where(mask, geometry.dt.float(), 1.0),
+        )
+    log_ratio, weight = guard(log_ratio, geometry)  # [B, T], [B, T]
+    log_ratio = torch.where(mask, log_ratio, 0.0)  # [B, T]
     adv = torch.where(mask, advantages.float(), 0.0)  # [B, T]
-    per_entry = torch.where(mask, surrogate(log_ratio, adv, float(clip_range)), 0.0)  # [B, T]
+    per_entry = torch.where(mask, weight * surrogate(log_ratio, adv, float(clip_range)), 0.0)  # [B, T]
     kl_term = None if kl is None else torch.where(mask, kl.float(), 0.0)  # [B, T]
     total = per_entry if kl_term is None else per_entry + kl_coef * kl_term  # [B, T]
     count = int(mask.sum())

@@ -18,6 +18,8 @@ reverse-time SDE of Eq. 4, ``dz = (v - g^2/2 * grad log p) dsigma + g dw``, has 
 
 The second line is Flow-GRPO's ``sd3_sde_with_logprob.py`` form. The two transitions differ only in ``g``:
 Flow-SDE (Flow-GRPO) ``g = eta * sqrt(sigma / (1 - sigma))``; Dance-SDE (DanceGRPO ``flux_step``) ``g = eta``.
+The third transition, CPS (:class:`CpsTransition`), is not an Euler-Maruyama step: it re-noises the clean and
+noise predictions with the forward process's own coefficients (DDIM-style).
 """
 
 from __future__ import annotations
@@ -91,6 +93,58 @@ def _require_same_shape(t: torch.Tensor | None, x: torch.Tensor, name: str) -> N
         raise ValueError(f"{name}: expected the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
 
 
+def _check_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: Sigma,
+    sigma_next: Sigma,
+    eta: float,
+    noise: torch.Tensor | None,
+    prev: torch.Tensor | None,
+    sigma_max: Sigma | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The checks every :class:`Transition` makes; returns the fp32 columns ``(sigma, sigma_next, sigma_max)``
+    ``[B, 1, ..., 1]`` (``sigma_max`` defaults to ``sigma_next``: Flow-GRPO's ``sigmas[1]`` on the first step)."""
+    if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta: expected a finite number >= 0, got {eta!r}")
+    _require_same_shape(v, x, "v")
+    _require_same_shape(noise, x, "noise")
+    _require_same_shape(prev, x, "prev")
+    s = _column(sigma, x, "sigma")  # [B, 1, ..., 1]
+    s_next = _column(sigma_next, x, "sigma_next")  # [B, 1, ..., 1]
+    s_max = s_next if sigma_max is None else _column(sigma_max, x, "sigma_max")  # [B, 1, ..., 1]
+    ok = ((0 <= s_next) & (s_next < s) & (s <= 1) & (0 <= s_max) & (s_max < 1)).flatten()  # [B]
+    if not bool(ok.all()):
+        i = int((~ok).nonzero()[0])
+        raise ValueError(
+            f"sigma, sigma_next, sigma_max: expected 0 <= sigma_next < sigma <= 1 and 0 <= sigma_max < 1, got "
+            f"sigma={s.flatten()[i].item()}, sigma_next={s_next.flatten()[i].item()}, "
+            f"sigma_max={s_max.flatten()[i].item()} at sample {i}"
+        )
+    return s, s_next, s_max
+
+
+def _sample_and_score(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    noise: torch.Tensor | None,
+    prev: torch.Tensor | None,
+    reduce: str,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Gaussian step ``N(mean, std^2)`` of a :class:`Transition`: sample it (or take ``prev``) and score it."""
+    if prev is None:
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        # Cast before scoring: the density must be that of the state actually stored, so that re-evaluating
+        # it later with the same parameters gives a ratio of exactly 1.
+        prev = (mean + std * noise.float()).to(x.dtype)  # [B, *latent]
+    # The action is a constant of the policy gradient: only mean and std carry gradient.
+    log_prob = gaussian_log_prob(prev.detach(), mean, std, reduce)  # [B]
+    return prev, log_prob, mean, std
+
+
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
     """``log N(x; mean, std^2)`` per element, reduced over the non-batch dims to ``[B]`` (fp32).
 
@@ -153,33 +207,9 @@ class SdeTransition:
         generator: torch.Generator | None = None,
         sigma_max: Sigma | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-            raise ValueError(f"eta: expected a finite number >= 0, got {eta!r}")
-        _require_same_shape(v, x, "v")
-        _require_same_shape(noise, x, "noise")
-        _require_same_shape(prev, x, "prev")
-        s = _column(sigma, x, "sigma")  # [B, 1, ..., 1]
-        s_next = _column(sigma_next, x, "sigma_next")  # [B, 1, ..., 1]
-        # Flow-GRPO's choice at sigma = 1 is sigmas[1], which is sigma_next on the first step.
-        s_max = s_next if sigma_max is None else _column(sigma_max, x, "sigma_max")  # [B, 1, ..., 1]
-        ok = ((0 <= s_next) & (s_next < s) & (s <= 1) & (0 <= s_max) & (s_max < 1)).flatten()  # [B]
-        if not bool(ok.all()):
-            i = int((~ok).nonzero()[0])
-            raise ValueError(
-                f"sigma, sigma_next, sigma_max: expected 0 <= sigma_next < sigma <= 1 and 0 <= sigma_max < 1, got "
-                f"sigma={s.flatten()[i].item()}, sigma_next={s_next.flatten()[i].item()}, "
-                f"sigma_max={s_max.flatten()[i].item()} at sample {i}"
-            )
+        s, s_next, s_max = _check_step(x, v, sigma, sigma_next, eta, noise, prev, sigma_max)
         mean, std = _sde_mean_std(x.float(), v.float(), s, s_next, self.noise_scale(s, s_max, float(eta)))
-        if prev is None:
-            if noise is None:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-            # Cast before scoring: the density must be that of the state actually stored, so that re-evaluating
-            # it later with the same parameters gives a ratio of exactly 1.
-            prev = (mean + std * noise.float()).to(x.dtype)  # [B, *latent]
-        # The action is a constant of the policy gradient: only mean and std carry gradient.
-        log_prob = gaussian_log_prob(prev.detach(), mean, std, reduce)  # [B]
-        return prev, log_prob, mean, std
+        return _sample_and_score(x, mean, std, noise, prev, reduce, generator)
 
 
 def flow_noise_scale(sigma: torch.Tensor, sigma_max: torch.Tensor, eta: float) -> torch.Tensor:
@@ -206,8 +236,63 @@ flow_sde_step = TRANSITIONS.register("flow-sde")(SdeTransition(flow_noise_scale)
 dance_sde_step = TRANSITIONS.register("dance-sde")(SdeTransition(dance_noise_scale))
 
 
+@dataclass(frozen=True)
+class CpsTransition:
+    """Coefficients-Preserving Sampling (CPS; Wang & Yu, "Coefficients-Preserving Sampling for Reinforcement
+    Learning with Flow Matching", arXiv 2509.05952, the DDIM-style update of its method section; Flow-GRPO ships
+    it as ``sde_type='cps'`` in ``sd3_sde_with_logprob.py``), a :class:`Transition`.
+
+    With ``x0_hat = x - sigma v`` and ``eps_hat = x + (1 - sigma) v`` (module docstring), one step to
+    ``sigma_next`` is the Gaussian
+
+        std  = sigma_next * sin(eta * pi / 2),
+        mean = (1 - sigma_next) * x0_hat + sqrt(sigma_next^2 - std^2) * eps_hat,
+
+    so ``mean + std * z`` keeps the coefficients of the forward process at ``sigma_next``: data coefficient
+    ``1 - sigma_next`` and, for independent unit ``eps_hat`` and ``z``, total noise variance exactly
+    ``sigma_next^2`` (the SDE steps overshoot it, the paper's diagnosis of their noisy samples). ``eta`` is in
+    [0, 1]: 0 is the Euler ODE step (``mean = x + (sigma_next - sigma) v``, std 0), 1 re-draws all the noise.
+
+    The log-density is the exact Gaussian one (:func:`gaussian_log_prob`). Flow-GRPO's code scores CPS with the
+    unnormalised ``-(x_next - mean)^2`` instead (no ``1 / (2 std^2)``, no constants), so its log-ratio is ours
+    times ``2 std^2``: a clip range tuned there is not the same trust region here. The last step of a schedule
+    (``sigma_next = 0``) has std 0 and no density (log_prob NaN): it is deterministic, never train it
+    (``drop_last_step``, or an SDE window that ends before it). ``sigma_max`` is accepted for the shared
+    signature and only validated.
+    """
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        v: torch.Tensor,
+        sigma: Sigma,
+        sigma_next: Sigma,
+        *,
+        eta: float,
+        noise: torch.Tensor | None = None,
+        prev: torch.Tensor | None = None,
+        reduce: str = "mean",
+        generator: torch.Generator | None = None,
+        sigma_max: Sigma | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        s, s_next, _ = _check_step(x, v, sigma, sigma_next, eta, noise, prev, sigma_max)
+        if eta > 1:
+            raise ValueError(f"eta: CPS expects a noise level in [0, 1] (std = sigma_next sin(eta pi/2)), got {eta!r}")
+        xf, vf = x.float(), v.float()
+        x0_hat = xf - s * vf  # [B, *latent]
+        eps_hat = xf + (1 - s) * vf  # [B, *latent]
+        std = s_next * math.sin(float(eta) * math.pi / 2)  # [B, 1, ..., 1]
+        # clamp: sin(pi / 2) may round above 1 by an ulp, which would make the root NaN at eta = 1
+        mean = (1 - s_next) * x0_hat + torch.sqrt((s_next**2 - std**2).clamp_min(0)) * eps_hat  # [B, *latent]
+        return _sample_and_score(x, mean, std, noise, prev, reduce, generator)
+
+
+# Coefficients-preserving sampling (Flow-GRPO's ``sde_type='cps'``).
+cps_step = TRANSITIONS.register("cps")(CpsTransition())
+
 def get_transition(name: str) -> Transition:
-    """The transition registered under ``name`` (``"flow-sde"``, ``"dance-sde"``); unknown names list the known."""
+    """The transition registered under ``name`` (``"flow-sde"``, ``"dance-sde"``, ``"cps"``); unknown names list
+    the known."""
     return TRANSITIONS.get(name)
 
 
