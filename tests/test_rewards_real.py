@@ -19,13 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from otca.rewards._common import (
+from otca.rewards.loading import load_checkpoint
+from otca.rewards.preprocess import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     CropPrep,
     LetterboxPrep,
     center_crop,
-    load_checkpoint,
     shortest_edge_size,
 )
 from otca.rewards.registry import build_reward, reward_names

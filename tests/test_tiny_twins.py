@@ -15,9 +15,9 @@ from _helpers import CPU, latents
 from otca.config import ModelConfig
 from otca.models.base import FlowPolicy
 from otca.models.registry import build_policy
-from otca.rewards._common import FrameMean
 from otca.rewards.base import RewardSet
 from otca.rewards.registry import build_reward
+from otca.rewards.scorer import FrameMean
 
 torch.set_num_threads(1)
 
@@ -71,7 +71,7 @@ def test_tiny_videoalign_columns_share_one_model_run():
 def test_tiny_clip_t_is_the_raw_cosine_of_transformers_clip():
     """clip-t == logits_per_image / exp(logit_scale) of CLIPModel's own forward on the same tokens and the
     32 px resize-and-crop (here a plain resize: the images are square)."""
-    from otca.rewards._common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from otca.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     r = build_reward("clip-t", tiny=True)
     x = images(h=48, w=48)
@@ -107,7 +107,8 @@ def test_tiny_tokenizers_tokenize_for_real():
 def test_tiny_and_a_path_exclude_each_other(name):
     with pytest.raises(ValueError) as e:
         build_reward(name, tiny=True, path="/data/weights")
-    assert str(e.value) == f"reward '{name}': options.tiny builds a random backbone in-process; leave options.path unset"
+    expect = f"reward '{name}': options.tiny builds a random backbone in-process; leave options.path unset"
+    assert str(e.value) == expect
 
 
 # ----------------------------------------------------------------------------------------- frames of videos

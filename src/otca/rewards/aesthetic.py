@@ -12,21 +12,12 @@ from collections.abc import Sequence
 
 import torch
 
-from otca.rewards._common import (
-    CropPrep,
-    ImageModelReward,
-    crop_prep_from_processor,
-    linear_chain,
-    load_checkpoint,
-    per_frame,
-    require_file,
-    seeded,
-    tensor_dict,
-    tiny_backbone,
-    torch_dtype,
-)
 from otca.rewards.clip import TINY_CLIP_SIDE, image_embeds, load_clip_model, tiny_clip
+from otca.rewards.heads import linear_chain
+from otca.rewards.loading import load_checkpoint, require_file, seeded, tensor_dict, tiny_backbone, torch_dtype
+from otca.rewards.preprocess import CropPrep, crop_prep_from_processor
 from otca.rewards.registry import register_reward
+from otca.rewards.scorer import ImageModelReward, per_frame
 
 
 class LaionAesthetic(ImageModelReward):

@@ -18,20 +18,11 @@ from typing import Any
 
 import torch
 
-from otca.rewards._common import (
-    CropPrep,
-    ImageModelReward,
-    crop_prep_from_processor,
-    l2_normalize,
-    option_hint,
-    per_frame,
-    require_dir,
-    seeded,
-    tiny_backbone,
-    torch_dtype,
-    transformers_module,
-)
+from otca.rewards.heads import l2_normalize
+from otca.rewards.loading import option_hint, require_dir, seeded, tiny_backbone, torch_dtype, transformers_module
+from otca.rewards.preprocess import CropPrep, crop_prep_from_processor
 from otca.rewards.registry import register_reward
+from otca.rewards.scorer import ImageModelReward, per_frame
 
 # A byte-level BPE has at least the 256 byte symbols; fewer means the vocabulary files were not read
 # (transformers 5 ``CLIPTokenizer(vocab_file=...)`` silently builds a 3-token toy vocabulary).

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from otca.rewards._common import (
-    LetterboxPrep,
+from otca.rewards.clip import ClipSimilarity, load_clip_tokenizer, tiny_clip
+from otca.rewards.loading import (
     load_checkpoint,
-    per_frame,
     positive_int,
     require_file,
     square_side,
@@ -27,8 +26,9 @@ from otca.rewards._common import (
     torch_dtype,
     transformers_module,
 )
-from otca.rewards.clip import ClipSimilarity, load_clip_tokenizer, tiny_clip
+from otca.rewards.preprocess import LetterboxPrep
 from otca.rewards.registry import register_reward
+from otca.rewards.scorer import per_frame
 
 # open_clip key -> CLIPModel key, for tensors outside the residual blocks. Layout of open_clip's CLIP /
 # VisionTransformer / TextTransformer (hpsv2/src/open_clip/{model,transformer}.py), pairing as in
@@ -69,7 +69,8 @@ def _block_keys(prefix: str, rest: str, value: torch.Tensor) -> dict[str, torch.
     """CLIPModel entries for one residual-block tensor (``rest`` is the name inside the block)."""
     if rest.startswith("attn.in_proj_"):
         kind = rest[len("attn.in_proj_") :]  # weight | bias; rows stacked q, k, v (nn.MultiheadAttention)
-        return {f"{prefix}self_attn.{n}_proj.{kind}": part for n, part in zip("qkv", value.chunk(3, dim=0), strict=True)}
+        parts = zip("qkv", value.chunk(3, dim=0), strict=True)
+        return {f"{prefix}self_attn.{n}_proj.{kind}": part for n, part in parts}
     for src, dst in _BLOCK:
         if rest.startswith(src):
             return {prefix + dst + rest[len(src) :]: value}

@@ -25,12 +25,9 @@ from pathlib import Path
 
 import torch
 
-from otca.rewards._common import (
-    CropPrep,
-    ImageModelReward,
-    linear_chain,
+from otca.rewards.heads import linear_chain
+from otca.rewards.loading import (
     load_checkpoint,
-    per_frame,
     positive_int,
     require_dir,
     require_file,
@@ -41,7 +38,9 @@ from otca.rewards._common import (
     torch_dtype,
     transformers_module,
 )
+from otca.rewards.preprocess import CropPrep
 from otca.rewards.registry import register_reward
+from otca.rewards.scorer import ImageModelReward, per_frame
 
 # ImageReward.py: reward standardization constants and the prompt length.
 _MEAN = 0.16717362830052426

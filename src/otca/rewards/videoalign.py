@@ -43,12 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from otca.rewards._common import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    check_videos,
+from otca.rewards.loading import (
     load_checkpoint,
-    normalize,
     option_hint,
     positive_int,
     require_dir,
@@ -59,6 +55,7 @@ from otca.rewards._common import (
     torch_dtype,
     transformers_module,
 )
+from otca.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, check_videos, normalize
 from otca.rewards.registry import register_reward
 
 DIMS = ("VQ", "MQ", "TA")
