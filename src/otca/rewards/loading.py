@@ -1,4 +1,4 @@
-"""Loading reward weights safely and offline: path checks, checkpoints, dtypes, seeded tiny twins.
+"""Loading reward weights safely and offline: path checks, checkpoints, dtypes, option checks.
 
 Contracts (see ``docs/design.md``):
   * every path check fails with a one-line ``FileNotFoundError`` naming the reward, the file and the option
@@ -13,7 +13,7 @@ Contracts (see ``docs/design.md``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +105,6 @@ def tiny_backbone(reward: str, tiny: bool, **paths: str | None) -> bool:
             f"reward '{reward}': options.tiny builds a random backbone in-process; leave options.{given[0]} unset"
         )
     return tiny
-
-
-def seeded(seed: int, build: Callable[[], Any]) -> Any:
-    """``build()`` under ``torch.manual_seed(seed)``, leaving the global RNG as it was (tiny random twins)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
 
 
 def positive_int(reward: str, option: str, value: int) -> int:

@@ -24,6 +24,7 @@ class FrameMean:
     def __init__(self, reward: Any):
         self.reward = reward
         self.name = reward.name
+        self.names = (reward.name,)  # one objective: the per-frame scores are [B*F]
 
     def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if pixels.ndim != 5:
@@ -52,6 +53,7 @@ class ImageModelReward:
         self, name: str, model: torch.nn.Module, prep: Callable[[torch.Tensor], torch.Tensor], batch_size: int
     ):
         self.name = name
+        self.names = (name,)
         self.prep = prep
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
