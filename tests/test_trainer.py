@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from otca.config import load_config
 from otca.rewards.base import RewardError
+from otca.rewards.options import WeightFreeOptions
 from otca.rewards.registry import register_reward
 from otca.trainer import Trainer
 
@@ -83,9 +84,13 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path):
     assert [strip(r) for r in rows(full.run_dir)] == [strip(r) for r in rows(part.run_dir)]
 
 
-@register_reward("test-nan")
+@register_reward("test-nan", WeightFreeOptions)
 class _NaNReward:
     name = "test-nan"
+    names = (name,)
+
+    def __init__(self, options):
+        pass
 
     def __call__(self, pixels, prompts):
         s = torch.zeros(pixels.shape[0])
@@ -93,9 +98,13 @@ class _NaNReward:
         return s
 
 
-@register_reward("test-constant")
+@register_reward("test-constant", WeightFreeOptions)
 class _ConstantReward:
     name = "test-constant"
+    names = (name,)
+
+    def __init__(self, options):
+        pass
 
     def __call__(self, pixels, prompts):
         return torch.ones(pixels.shape[0])
