@@ -181,9 +181,9 @@ class HpsOptions(RewardOptions):
     tokenizer_path: str | None = None
     """A directory with the CLIP BPE as vocab.json + merges.txt (any transformers CLIP snapshot, e.g.
     laion/CLIP-ViT-H-14-laion2B-s32B-b79K); open_clip's tokenizer uses the same BPE, 77 tokens."""
-    vision_heads: int = Field(16, ge=1)
+    vision_heads: int = Field(default=16, ge=1)
     """Attention heads of the image tower (not recoverable from tensor shapes; ViT-H-14: 16)."""
-    text_heads: int = Field(16, ge=1)
+    text_heads: int = Field(default=16, ge=1)
     """Attention heads of the text tower (ViT-H-14: 16)."""
 
 

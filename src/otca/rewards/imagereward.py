@@ -212,9 +212,9 @@ class ImageRewardOptions(RewardOptions):
     """``ImageReward.pt`` (THUDM/ImageReward)."""
     tokenizer_path: str | None = None
     """A local bert-base-uncased directory (vocab.txt)."""
-    vision_heads: int = Field(16, ge=1)
+    vision_heads: int = Field(default=16, ge=1)
     """Attention heads of the BLIP ViT (ImageReward's ViT-L/16: 16)."""
-    text_heads: int = Field(12, ge=1)
+    text_heads: int = Field(default=12, ge=1)
     """Attention heads of the BERT text encoder (BERT-base: 12)."""
 
 

@@ -31,7 +31,7 @@ def jpeg_kilobytes(frame: torch.Tensor, quality: int = 95) -> float:
 
 
 class JpegOptions(WeightFreeOptions):
-    quality: int = Field(95, ge=1, le=100)
+    quality: int = Field(default=95, ge=1, le=100)
     """JPEG quality Pillow saves at (DDPO: 95)."""
 
 
@@ -41,7 +41,7 @@ class JpegCompressibility:
     mean over their F frames; C = 1 (grayscale) or 3 (RGB). Returns ``[B]`` float32 on CPU."""
 
     name = "jpeg-compressibility"
-    names = (name,)
+    names: tuple[str, ...] = (name,)
 
     def __init__(self, options: JpegOptions = JpegOptions()):  # noqa: B008 (frozen: safe to share)
         self.quality = options.quality

@@ -31,7 +31,7 @@ class RewardOptions(BaseModel):
     """Device the reward model runs on (scores come back as float32 on CPU)."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """dtype of the reward model's weights; preprocessing and the returned scores are float32."""
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(default=16, ge=1)
     """Samples scored per forward pass of the reward model."""
     tiny: bool = False
     """Build a tiny random backbone of the same architecture in-process instead of loading weights (a test/demo

@@ -145,8 +145,8 @@ class VideoAlignScorer:
         return picked.reshape(ids.shape[0], -1).float()  # output_dim 1: [b, 3]
 
     @torch.no_grad()
-    def __call__(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        x, n = check_videos(self.name, videos, prompts), self.batch_size
+    def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        x, n = check_videos(self.name, pixels, prompts), self.batch_size
         raw = torch.cat([self.forward(self.prepare(x[i : i + n].to(self.device), prompts[i : i + n]))
                          for i in range(0, x.shape[0], n)]).cpu()  # [B, 3]
         if self.use_norm:
@@ -239,16 +239,16 @@ class VideoAlignOptions(RewardOptions):
     """A text file holding VideoAlign's DETAILED_PROMPT_WITH_SPECIAL_TOKEN verbatim (not shipped)."""
     tokenizer_path: str | None = None
     """Where the tokenizer is read instead of ``base_path``."""
-    checkpoint_step: int | None = Field(None, ge=0)
+    checkpoint_step: int | None = Field(default=None, ge=0)
     """Which checkpoint-<step> to load (default: the latest)."""
-    source_fps: float = Field(16.0, gt=0)
+    source_fps: float = Field(default=16.0, gt=0)
     """Frame rate of the generated videos (Wan 2.1: 16), used to sample 2 fps like the reference."""
     normalize: bool = True
     """z-normalize each score with the model config's inference_config (unused by the tiny twin: raw scores)."""
-    columns: list[Dim] = Field(list(DIMS), min_length=1)
+    columns: list[Dim] = Field(default=["VQ", "MQ", "TA"], min_length=1)
     """Which objectives to return, in this order: VQ (visual quality), MQ (motion quality), TA (text
     alignment); each is one score column."""
-    batch_size: int = Field(2, ge=1)
+    batch_size: int = Field(default=2, ge=1)
     """Videos scored per forward pass."""
 
 

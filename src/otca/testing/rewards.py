@@ -12,7 +12,7 @@ from __future__ import annotations
 import string
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -39,7 +39,7 @@ def _seeded(seed: int, build: Callable[[], Any]) -> Any:
 
 
 @lru_cache(maxsize=4)
-def tiny_clip(seed: int, hidden_act: str, device: str, dtype: torch.dtype):
+def tiny_clip(seed: int, hidden_act: str, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
     """``(CLIPModel, tokenizer)``: a random tiny CLIP (eval, no grad) and the byte-level tiny CLIP tokenizer.
 
     CLIP's structure (two towers, projections, EOT pooling, logit scale) at width 32, 32 px images.
@@ -62,11 +62,13 @@ def tiny_clip(seed: int, hidden_act: str, device: str, dtype: torch.dtype):
 
 def tiny_aesthetic_head(seed: int, width: int) -> torch.nn.Sequential:
     """A random Linear ``width``-8-1 head: the LAION v2 head's activation-free structure at tiny width (fp32)."""
-    head = _seeded(seed, lambda: torch.nn.Sequential(torch.nn.Linear(width, 8), torch.nn.Linear(8, 1)))
-    return head.eval().requires_grad_(False)
+    layers = (torch.nn.Linear, (width, 8)), (torch.nn.Linear, (8, 1))
+    head: torch.nn.Sequential = _seeded(seed, lambda: torch.nn.Sequential(*(cls(*a) for cls, a in layers)))
+    head.eval().requires_grad_(False)
+    return head
 
 
-def tiny_bert_tokenizer():
+def tiny_bert_tokenizer() -> Any:
     """A lower-casing WordPiece over ASCII letters, digits and punctuation (word-initial and ``##`` forms, so
     no text is unknown), BERT's five special tokens first."""
     from transformers import BertTokenizer
@@ -76,7 +78,7 @@ def tiny_bert_tokenizer():
     return BertTokenizer(vocab={t: i for i, t in enumerate(tokens)})
 
 
-def tiny_blip(seed: int, device: str, dtype: torch.dtype, max_text_len: int, tokenizer):
+def tiny_blip(seed: int, device: str, dtype: torch.dtype, max_text_len: int, tokenizer: Any) -> tuple[Any, Any, Any]:
     """``(vision, text, head)``: ImageReward's structure (a BLIP ViT whose tokens a cross-attending BERT reads,
     an activation-free head on the [CLS] state) at width 32, random and seeded; ``tokenizer`` sets the
     vocabulary and special ids. Towers in eval without grad on ``device``/``dtype``, the head in fp32."""
@@ -101,7 +103,9 @@ def tiny_blip(seed: int, device: str, dtype: torch.dtype, max_text_len: int, tok
 
 
 @lru_cache(maxsize=2)
-def tiny_qwen2vl_reward(seed: int, device: str, dtype: torch.dtype, reward_tokens: Sequence[str]):
+def tiny_qwen2vl_reward(
+    seed: int, device: str, dtype: torch.dtype, reward_tokens: Sequence[str]
+) -> tuple[Any, Any, Any]:
     """``(model, head, tokenizer)``: a random Qwen2-VL (2 decoder layers of width 32, a 2-block vision tower with
     14 px patches, 2x2 merge, temporal patch 2), a random reward head ``[len(reward_tokens), 32]`` and a
     byte-level BPE with Qwen2-VL's markup, the ``reward_tokens`` and :data:`TINY_QWEN2VL_CHAT`."""
@@ -110,8 +114,8 @@ def tiny_qwen2vl_reward(seed: int, device: str, dtype: torch.dtype, reward_token
     tok = tf.Qwen2Tokenizer(vocab={s: i for i, s in enumerate(byte_alphabet())}, merges=[])
     tok.add_special_tokens({"additional_special_tokens": [*QWEN2VL_MARKUP, *reward_tokens]})
     tok.chat_template = TINY_QWEN2VL_CHAT
-    video, start, end, stop = tok.convert_tokens_to_ids(["<|video_pad|>", "<|vision_start|>", "<|vision_end|>",
-                                                         "<|im_end|>"])
+    markup = ["<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>"]
+    video, start, end, stop = cast(list[int], tok.convert_tokens_to_ids(markup))
     cfg = tf.Qwen2VLConfig(
         text_config=dict(vocab_size=len(tok), bos_token_id=stop, eos_token_id=stop, pad_token_id=stop,
                          hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -38,7 +38,7 @@ class DigitAlignment:
     :class:`~otca.worlds.digits.prompts.UnknownPromptError` (the step fails loudly)."""
 
     name = "digit-alignment"
-    names = (name,)
+    names: tuple[str, ...] = (name,)
 
     def __init__(self, options: DigitAlignmentOptions):
         self.model = load_classifier(Path(options.assets_dir) if options.assets_dir else ASSETS_DIR)
@@ -105,7 +105,7 @@ class StrokeQuality:
     :func:`stroke_quality` for the formula."""
 
     name = "stroke-quality"
-    names = (name,)
+    names: tuple[str, ...] = (name,)
 
     def __init__(self, options: WeightFreeOptions = WeightFreeOptions()):  # noqa: B008 (frozen: safe to share)
         """No options: the formula is fixed."""
