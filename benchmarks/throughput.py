@@ -35,7 +35,7 @@ def worker(args) -> None:
     rollout, whole = [], []
     for it in range(args.iters + 1):
         marks = [time.perf_counter()]
-        train_iteration(trainer, it, lambda phase: marks.append(time.perf_counter()))
+        train_iteration(trainer, it, lambda phase, marks=marks: marks.append(time.perf_counter()))
         if it:
             rollout.append(marks[1] - marks[0])
             whole.append(marks[-1] - marks[0])

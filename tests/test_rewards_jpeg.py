@@ -48,7 +48,7 @@ def test_blank_beats_real_beats_noise():
 
 def test_lower_quality_compresses_more():
     x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(2))
-    assert (JpegCompressibility(quality=50)(x, ["", ""]) > JpegCompressibility(quality=95)(x, ["", ""])).all()
+    assert (build_reward("jpeg-compressibility", quality=50)(x, ["", ""]) > JpegCompressibility()(x, ["", ""])).all()
 
 
 def test_video_is_the_mean_over_frames():
@@ -79,5 +79,8 @@ def test_bad_shapes_name_the_reward(shape):
 
 
 def test_bad_quality_is_an_error():
-    with pytest.raises(ValueError, match="quality must be in"):
-        JpegCompressibility(quality=0)
+    with pytest.raises(ValueError) as e:
+        build_reward("jpeg-compressibility", quality=0)
+    assert str(e.value).startswith("reward 'jpeg-compressibility': option 'quality': Input should be greater than")
+    with pytest.raises(ValueError, match="reward 'jpeg-compressibility': option 'device' does not apply"):
+        build_reward("jpeg-compressibility", device="cuda")

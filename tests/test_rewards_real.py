@@ -19,13 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from otca.rewards._common import (
+from otca.rewards.loading import load_checkpoint
+from otca.rewards.preprocess import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     CropPrep,
     LetterboxPrep,
     center_crop,
-    load_checkpoint,
     shortest_edge_size,
 )
 from otca.rewards.registry import build_reward, reward_names
@@ -259,7 +259,7 @@ def test_clip_t_bfloat16_close_to_float32(clip_dir):
     s16 = build_reward("clip-t", path=str(clip_dir), dtype="bfloat16")(x, PROMPTS)
     assert s16.dtype == torch.float32
     torch.testing.assert_close(s16, s32, atol=0.05, rtol=0)
-    with pytest.raises(ValueError, match="dtype 'float8' unknown"):
+    with pytest.raises(ValueError, match="reward 'clip-t': option 'dtype': Input should be 'float32', 'float16' or"):
         build_reward("clip-t", path=str(clip_dir), dtype="float8")
 
 
@@ -598,14 +598,14 @@ def test_imagereward_strict_keys(ir_files, tmp_path):
 
 # ------------------------------------------------------------------------------------------------- videoalign
 
-from otca.rewards.videoalign import (  # noqa: E402
-    SPECIAL_TOKENS,
+from otca.rewards.qwen2vl_frames import (  # noqa: E402
     frame_indices,
     patchify,
     resize_frames,
     smart_nframes,
     smart_resize,
 )
+from otca.rewards.videoalign import SPECIAL_TOKENS  # noqa: E402
 
 VA_TEMPLATE = (
     "\nRate the video.\nVisual: <|VQ_reward|>\nMotion: <|MQ_reward|>\nPrompt - {text_prompt}\nText: <|TA_reward|>\n"
@@ -710,8 +710,8 @@ def videoalign_files(tmp_path_factory):
     return base, root, ref.eval(), head
 
 
-def _videoalign(base, root, dim="vq", **kw):
-    return build_reward(f"videoalign-{dim}", path=str(root), base_path=str(base),
+def _videoalign(base, root, **kw):
+    return build_reward("videoalign", path=str(root), base_path=str(base),
                         prompt_template_path=str(root / "template.txt"), **kw)
 
 
@@ -743,17 +743,9 @@ def _videoalign_reference(ref, head, inputs, positions: bool):
 def test_videoalign_matches_peft_reference(videoalign_files, step):
     base, root, ref, head = videoalign_files
     x, prompts = videos(), ["a cat", "cat cat"]
-    rewards = [_videoalign(base, root, d, checkpoint_step=step) for d in ("vq", "mq", "ta")]
-    scorer = rewards[0].scorer
-    assert all(r.scorer is scorer for r in rewards)  # one loaded model behind the three rewards
-    calls = []
-    forward = scorer.forward
-    scorer.forward = lambda inputs: calls.append(1) or forward(inputs)
-    try:
-        s = torch.stack([r(x, prompts) for r in rewards], dim=1)  # [B, 3]
-    finally:
-        del scorer.forward
-    assert len(calls) == 1  # the second and third reward reuse the first one's forward
+    scorer = _videoalign(base, root, checkpoint_step=step)
+    assert scorer.names == ("videoalign/vq", "videoalign/mq", "videoalign/ta")
+    s = scorer(x, prompts)  # [B, 3] from one model run
     assert s.shape == (2, 3) and s.dtype == torch.float32 and torch.isfinite(s).all()
     inputs = scorer.prepare(x, prompts)
     assert inputs["video_grid_thw"].tolist() == [[2, 24, 24]] * 2  # 4 frames of 336x336
@@ -767,12 +759,12 @@ def test_videoalign_matches_peft_reference(videoalign_files, step):
 
 def test_videoalign_options_and_errors(videoalign_files, tmp_path):
     base, root, _, _ = videoalign_files
-    with pytest.raises(FileNotFoundError, match=r"reward 'videoalign-ta'.*options\.base_path"):
-        build_reward("videoalign-ta", path=str(root), base_path=str(tmp_path / "none"),
+    with pytest.raises(FileNotFoundError, match=r"reward 'videoalign'.*options\.base_path"):
+        build_reward("videoalign", path=str(root), base_path=str(tmp_path / "none"),
                      prompt_template_path=str(root / "template.txt"))
     (tmp_path / "t.txt").write_text("no tokens here {text_prompt}")
     with pytest.raises(ValueError, match="must hold"):
-        build_reward("videoalign-vq", path=str(root), base_path=str(base), prompt_template_path=str(tmp_path / "t.txt"))
+        build_reward("videoalign", path=str(root), base_path=str(base), prompt_template_path=str(tmp_path / "t.txt"))
     with pytest.raises(FileNotFoundError, match=r"checkpoint-7.*have steps \[50, 100\]"):
         _videoalign(base, root, checkpoint_step=7)
     r = _videoalign(base, root, checkpoint_step=100)
@@ -780,7 +772,12 @@ def test_videoalign_options_and_errors(videoalign_files, tmp_path):
         r(images(2), ["a", "b"])
     raw = _videoalign(base, root, checkpoint_step=100, normalize=False, batch_size=1)(videos(), ["a cat", "cat"])
     z = r(videos(), ["a cat", "cat"])
-    torch.testing.assert_close(z, (raw - VA_INFERENCE["VQ_mean"]) / VA_INFERENCE["VQ_std"], atol=1e-4, rtol=1e-4)
+    mean = torch.tensor([VA_INFERENCE[f"{d}_mean"] for d in ("VQ", "MQ", "TA")])
+    std = torch.tensor([VA_INFERENCE[f"{d}_std"] for d in ("VQ", "MQ", "TA")])
+    torch.testing.assert_close(z, (raw - mean) / std, atol=1e-4, rtol=1e-4)
+    ta = _videoalign(base, root, checkpoint_step=100, columns=["TA"])
+    assert ta.names == ("videoalign/ta",)
+    torch.testing.assert_close(ta(videos(), ["a cat", "cat"]), z[:, 2], atol=1e-5, rtol=1e-5)  # one column: [B]
     z16 = _videoalign(base, root, checkpoint_step=100, dtype="bfloat16")(videos(), ["a cat", "cat"])
     assert z16.dtype == torch.float32
     torch.testing.assert_close(z16, z, atol=0.05, rtol=0.05)

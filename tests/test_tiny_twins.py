@@ -14,15 +14,15 @@ import torch.nn.functional as F
 from _helpers import CPU, check_flow_policy_contract, latents
 from otca.config import ModelConfig
 from otca.models.registry import build_policy
-from otca.rewards._common import FrameMean
 from otca.rewards.base import RewardSet
 from otca.rewards.registry import build_reward
+from otca.rewards.scorer import FrameMean
 
 torch.set_num_threads(1)
 
 PROMPTS = ["a cat", "A dog on a cat!", "a photo of a tree", ""]
 IMAGE_REWARDS = ("clip-t", "pickscore", "laion-aesthetic", "hpsv2.1", "imagereward")
-VIDEO_REWARDS = ("videoalign-vq", "videoalign-mq", "videoalign-ta")
+VIDEO_REWARDS = ("videoalign",)
 
 
 def images(b: int = 4, h: int = 40, w: int = 48, seed: int = 0) -> torch.Tensor:
@@ -50,27 +50,43 @@ def test_tiny_image_reward_scores_are_finite_seeded_and_prompt_or_pixel_sensitiv
     assert RewardSet([r])(images(), PROMPTS).shape == (4, 1)
 
 
-@pytest.mark.parametrize("name", VIDEO_REWARDS)
-def test_tiny_videoalign_scores_are_finite(name):
-    r = build_reward(name, tiny=True)
+def test_tiny_videoalign_scores_three_columns_in_one_run():
+    r = build_reward("videoalign", tiny=True)
+    assert r.names == ("videoalign/vq", "videoalign/mq", "videoalign/ta")
     s = r(videos(), PROMPTS[:2])
-    assert s.shape == (2,) and s.dtype == torch.float32 and torch.isfinite(s).all()
+    assert s.shape == (2, 3) and s.dtype == torch.float32 and torch.isfinite(s).all()
     assert not torch.equal(r(videos(seed=1), PROMPTS[:2]), s)
+    assert len({float(c) for c in s[0]}) == 3  # three different outputs of the head
+    calls = []
+    forward = r.forward
+    r.forward = lambda inputs: calls.append(1) or forward(inputs)
+    try:
+        both = RewardSet([r])(videos(), PROMPTS[:2])  # [2, 3]
+    finally:
+        del r.forward
+    assert len(calls) == 1  # one model run for the three objectives, no memo needed
+    torch.testing.assert_close(both, s, rtol=0, atol=0)
 
 
-def test_tiny_videoalign_columns_share_one_model_run():
-    rs = [build_reward(n, tiny=True) for n in VIDEO_REWARDS]
-    assert rs[0].scorer is rs[1].scorer is rs[2].scorer
-    x = videos()
-    both = RewardSet(rs)(x, PROMPTS[:2])  # [2, 3]
-    torch.testing.assert_close(both, rs[0].scorer(x, PROMPTS[:2]), rtol=0, atol=0)
-    assert len({float(c) for c in both[0]}) == 3  # three different outputs of the head
+def test_tiny_videoalign_columns_equal_the_per_dimension_rewards():
+    """Each objective alone (``columns: [d]``, its own model run, ``[B]``) is the matching column of ``[B, 3]``;
+    a reordered subset keeps its order."""
+    x, prompts = videos(), PROMPTS[:2]
+    full = build_reward("videoalign", tiny=True)(x, prompts)  # [2, 3]
+    for j, d in enumerate(("VQ", "MQ", "TA")):
+        one = build_reward("videoalign", tiny=True, columns=[d])
+        assert one.names == (f"videoalign/{d.lower()}",)
+        torch.testing.assert_close(one(x, prompts), full[:, j], rtol=0, atol=0)
+    two = build_reward("videoalign", tiny=True, columns=["TA", "VQ"])(x, prompts)
+    torch.testing.assert_close(two, full[:, [2, 0]], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"options.columns \['VQ', 'VQ'\] repeats an objective"):
+        build_reward("videoalign", tiny=True, columns=["VQ", "VQ"])
 
 
 def test_tiny_clip_t_is_the_raw_cosine_of_transformers_clip():
     """clip-t == logits_per_image / exp(logit_scale) of CLIPModel's own forward on the same tokens and the
     32 px resize-and-crop (here a plain resize: the images are square)."""
-    from otca.rewards._common import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from otca.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     r = build_reward("clip-t", tiny=True)
     x = images(h=48, w=48)
@@ -106,8 +122,8 @@ def test_tiny_tokenizers_tokenize_for_real():
 def test_tiny_and_a_path_exclude_each_other(name):
     with pytest.raises(ValueError) as e:
         build_reward(name, tiny=True, path="/data/weights")
-    want = f"reward '{name}': options.tiny builds a random backbone in-process; leave options.path unset"
-    assert str(e.value) == want
+    expect = f"reward '{name}': options.tiny builds a random backbone in-process; leave options.path unset"
+    assert str(e.value) == expect
 
 
 # ----------------------------------------------------------------------------------------- frames of videos

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from otca.config import load_config
 from otca.rewards.base import RewardError
+from otca.rewards.options import WeightFreeOptions
 from otca.rewards.registry import register_reward
 from otca.runlog import RunLog
 from otca.trainer import Trainer
@@ -113,9 +114,13 @@ def test_a_reference_weight_that_names_no_parameter_raises(tmp_path):
         tr.update(traj, cond, credit)
 
 
-@register_reward("test-nan")
+@register_reward("test-nan", WeightFreeOptions)
 class _NaNReward:
     name = "test-nan"
+    names = (name,)
+
+    def __init__(self, options):
+        pass
 
     def __call__(self, pixels, prompts):
         s = torch.zeros(pixels.shape[0])
@@ -123,9 +128,13 @@ class _NaNReward:
         return s
 
 
-@register_reward("test-constant")
+@register_reward("test-constant", WeightFreeOptions)
 class _ConstantReward:
     name = "test-constant"
+    names = (name,)
+
+    def __init__(self, options):
+        pass
 
     def __call__(self, pixels, prompts):
         return torch.ones(pixels.shape[0])

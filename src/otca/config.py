@@ -56,8 +56,10 @@ class ModelConfig(_Section):
 class RewardSpec(_Section):
     name: str
     """A registered reward (``otca.rewards.registry``)."""
-    weight: float = 1.0
-    """Weight of this objective in linear aggregators (grpo, flow-grpo, gdpo); MOCA ignores it."""
+    weight: float | list[float] = 1.0
+    """Weight of this reward's objectives in linear aggregators (grpo, flow-grpo, gdpo); MOCA ignores it. One
+    number weights every score column of the reward; a list gives one weight per column (a multi-objective
+    reward such as ``videoalign`` has several)."""
     options: dict[str, Any] = {}
     """Keyword options for the reward's factory (local weight paths, batch size, ...)."""
 

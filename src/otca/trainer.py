@@ -26,8 +26,7 @@ from otca.evaluate import EvalResult, evaluate_policy, load_prompts
 from otca.flow import get_transition, kl_to_reference, make_sigmas, policy_loss
 from otca.models.registry import build_policy
 from otca.plots import plot_curves, plot_weight_heatmap, save_grid
-from otca.rewards.base import RewardSet
-from otca.rewards.registry import build_reward
+from otca.rewards.registry import build_reward_set
 from otca.rollout import (
     STREAM_PROMPTS,
     STREAM_STEP_MASK,
@@ -68,8 +67,8 @@ class Trainer:
         self.runlog = RunLog(self.run_dir, write=self.info.is_main)
         torch.manual_seed(cfg.seed)
         self.policy = build_policy(cfg.model, self.info.device)
-        self.rewards = RewardSet([build_reward(r.name, **r.options) for r in cfg.rewards])
-        self.reward_weights = torch.tensor([r.weight for r in cfg.rewards], dtype=torch.float32)
+        self.rewards = build_reward_set(cfg.rewards)
+        self.reward_weights = self.rewards.weights
         self.train_prompts = load_prompts(cfg.prompts.train)
         self.eval_prompts = load_prompts(cfg.prompts.eval)
         self.scheme = get_scheme(cfg.train.scheme)

@@ -12,21 +12,13 @@ from collections.abc import Sequence
 
 import torch
 
-from otca.rewards._common import (
-    CropPrep,
-    ImageModelReward,
-    crop_prep_from_processor,
-    linear_chain,
-    load_checkpoint,
-    per_frame,
-    require_file,
-    seeded,
-    tensor_dict,
-    tiny_backbone,
-    torch_dtype,
-)
-from otca.rewards.clip import TINY_CLIP_SIDE, image_embeds, load_clip_model, tiny_clip
+from otca.rewards.clip import image_embeds, load_clip_model
+from otca.rewards.heads import linear_chain
+from otca.rewards.loading import load_checkpoint, require_file, tensor_dict, tiny_backbone, torch_dtype
+from otca.rewards.options import RewardOptions
+from otca.rewards.preprocess import CropPrep, crop_prep_from_processor
 from otca.rewards.registry import register_reward
+from otca.rewards.scorer import ImageModelReward, per_frame
 
 
 class LaionAesthetic(ImageModelReward):
@@ -42,42 +34,36 @@ class LaionAesthetic(ImageModelReward):
         return self.head(image_embeds(self.model, x)).squeeze(-1)  # [b, D] unit rows -> [b]
 
 
-def tiny_laion_aesthetic(name: str, seed: int, device: str, dtype: str, batch_size: int) -> LaionAesthetic:
-    """The test/demo twin: the tiny random CLIP of ``clip-t`` (same seed, same backbone) and a random
-    Linear 16-8-1 head, the v2 head's activation-free structure at tiny width. Its scores mean nothing."""
-    model, _ = tiny_clip(seed, "quick_gelu", str(torch.device(device)), torch_dtype(name, dtype))
-    width = model.config.projection_dim
-    head = seeded(seed, lambda: torch.nn.Sequential(torch.nn.Linear(width, 8), torch.nn.Linear(8, 1)))
-    prep = CropPrep(shortest_edge=TINY_CLIP_SIDE, crop=(TINY_CLIP_SIDE, TINY_CLIP_SIDE))
-    return LaionAesthetic(name, model, prep, head.eval().requires_grad_(False), batch_size)
+class LaionAestheticOptions(RewardOptions):
+    path: str | None = None
+    """The v2 head: ``sac+logos+ava1-l14-linearMSE.pth`` (a state dict), or the same keys as .safetensors."""
+    clip_path: str | None = None
+    """A local transformers CLIP ViT-L/14 directory (openai/clip-vit-large-patch14); its
+    preprocessor_config.json gives the preprocessing. Shared with ``clip-t`` when both use it."""
 
 
-@register_reward("laion-aesthetic")
-def laion_aesthetic(
-    path: str | None = None,
-    clip_path: str | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    batch_size: int = 16,
-    tiny: bool = False,
-    seed: int = 0,
-    frames: bool = False,
-):
-    """``path``: the v2 head (``sac+logos+ava1-l14-linearMSE.pth`` state dict, or the same keys as
-    .safetensors). ``clip_path``: a local transformers CLIP ViT-L/14 directory (openai/clip-vit-large-patch14),
-    whose preprocessor_config.json gives the preprocessing; shared with ``clip-t`` when both use it.
-    ``tiny``: a random tiny CLIP and head built in-process (seeded; a test/demo twin, its scores mean nothing).
-    ``frames``: also score videos, as the mean over frames (VBench's aesthetic quality)."""
+@register_reward("laion-aesthetic", LaionAestheticOptions)
+def laion_aesthetic(o: LaionAestheticOptions):
+    """The LAION aesthetic predictor v2 on CLIP ViT-L/14 image embeddings. ``tiny``: the tiny random CLIP of
+    ``clip-t`` (same seed, same backbone) and a random Linear 16-8-1 head, built in-process (a test/demo twin,
+    its scores mean nothing). ``frames``: also score videos, as the mean over frames (VBench's aesthetic
+    quality)."""
     name = "laion-aesthetic"
-    if tiny_backbone(name, tiny, path=path, clip_path=clip_path):
-        return per_frame(tiny_laion_aesthetic(name, seed, device, dtype, batch_size), frames)
-    head_file = require_file(name, path, "path", "aesthetic head file")
+    dtype = torch_dtype(name, o.dtype)
+    if tiny_backbone(name, o.tiny, path=o.path, clip_path=o.clip_path):
+        from otca.testing.rewards import TINY_CLIP_SIDE, tiny_aesthetic_head, tiny_clip
+
+        model, _ = tiny_clip(o.seed, "quick_gelu", str(torch.device(o.device)), dtype)
+        head = tiny_aesthetic_head(o.seed, model.config.projection_dim)
+        prep = CropPrep(shortest_edge=TINY_CLIP_SIDE, crop=(TINY_CLIP_SIDE, TINY_CLIP_SIDE))
+        return per_frame(LaionAesthetic(name, model, prep, head, o.batch_size), o.frames)
+    head_file = require_file(name, o.path, "path", "aesthetic head file")
     head = linear_chain(name, head_file, tensor_dict(name, head_file, load_checkpoint(name, head_file)), "")
-    model = load_clip_model(name, clip_path, "clip_path", device, torch_dtype(name, dtype))
+    model = load_clip_model(name, o.clip_path, "clip_path", o.device, dtype)
     if head[0].in_features != model.config.projection_dim:
         raise ValueError(
             f"reward '{name}': head '{head_file}' takes {head[0].in_features}-d embeddings but the CLIP in "
-            f"'{clip_path}' projects to {model.config.projection_dim} (expected ViT-L/14, 768)"
+            f"'{o.clip_path}' projects to {model.config.projection_dim} (expected ViT-L/14, 768)"
         )
-    prep = crop_prep_from_processor(name, clip_path, "clip_path")
-    return per_frame(LaionAesthetic(name, model, prep, head, batch_size), frames)
+    prep = crop_prep_from_processor(name, o.clip_path, "clip_path")
+    return per_frame(LaionAesthetic(name, model, prep, head, o.batch_size), o.frames)

@@ -6,7 +6,7 @@ is torchmetrics' CLIPScore before its clamp at 0. The paper does not name its CL
 ``openai/clip-vit-large-patch14`` (a local snapshot directory), but any transformers CLIP directory works.
 
 The pieces here (:class:`ClipSimilarity`, the model/tokenizer loaders, the embedding functions, the tiny random
-CLIP of ``options.tiny``) are shared by PickScore, HPSv2.1 and the LAION aesthetic reward.
+CLIP of ``options.tiny``, :mod:`otca.testing.rewards`) are shared by PickScore, HPSv2.1 and the LAION aesthetic reward.
 """
 
 from __future__ import annotations
@@ -14,30 +14,19 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from otca.rewards._common import (
-    CropPrep,
-    ImageModelReward,
-    crop_prep_from_processor,
-    l2_normalize,
-    option_hint,
-    per_frame,
-    require_dir,
-    seeded,
-    tiny_backbone,
-    torch_dtype,
-    transformers_module,
-)
+from otca.rewards.heads import l2_normalize
+from otca.rewards.loading import option_hint, require_dir, tiny_backbone, torch_dtype, transformers_module
+from otca.rewards.options import RewardOptions
+from otca.rewards.preprocess import CropPrep, crop_prep_from_processor
 from otca.rewards.registry import register_reward
+from otca.rewards.scorer import ImageModelReward, per_frame
 
 # A byte-level BPE has at least the 256 byte symbols; fewer means the vocabulary files were not read
 # (transformers 5 ``CLIPTokenizer(vocab_file=...)`` silently builds a 3-token toy vocabulary).
 _MIN_BPE_VOCAB = 256
-# Image side of the tiny random CLIP (patch 8: a 4x4 grid).
-TINY_CLIP_SIDE = 32
 
 
 @lru_cache(maxsize=4)
@@ -51,30 +40,6 @@ def _cached_clip(directory: str, device: str, dtype: torch.dtype):
         bad = sorted(info["missing_keys"]) + [m[0] for m in info["mismatched_keys"]]
         raise ValueError(f"CLIP weights in '{directory}' do not fit its config: {bad[:5]} ({len(bad)} in all)")
     return model.to(device).eval().requires_grad_(False)
-
-
-@lru_cache(maxsize=4)
-def tiny_clip(seed: int, hidden_act: str, device: str, dtype: torch.dtype):
-    """``(CLIPModel, tokenizer)``: a random tiny CLIP (eval, no grad) and the byte-level tiny CLIP tokenizer.
-
-    A test/demo twin, not a trained model: CLIP's structure (two towers, projections, EOT pooling, logit scale)
-    at width 32, so that configs with CLIP-family rewards run offline. Cached per argument set, so ``clip-t`` and
-    ``laion-aesthetic`` share one backbone as they do with real weights. ``hidden_act``: quick_gelu for OpenAI
-    CLIP, gelu for open_clip ViT-H (HPS).
-    """
-    from otca.testing.models import tiny_clip_tokenizer
-
-    tf = transformers_module()
-    tok = tiny_clip_tokenizer()
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, hidden_act=hidden_act)
-    cfg = tf.CLIPConfig(
-        text_config=dict(vocab_size=len(tok), max_position_embeddings=tok.model_max_length, bos_token_id=0,
-                         eos_token_id=1, pad_token_id=1, **tower),
-        vision_config=dict(image_size=TINY_CLIP_SIDE, patch_size=8, **tower),
-        projection_dim=16,
-    )
-    model = seeded(seed, lambda: tf.CLIPModel(cfg))
-    return model.to(device, dtype).eval().requires_grad_(False), tok
 
 
 def load_clip_model(reward: str, directory: str | Path | None, option: str, device: str, dtype: torch.dtype):
@@ -141,61 +106,48 @@ class ClipSimilarity(ImageModelReward):
         return self.scale * (img * txt).sum(-1)  # [b]
 
 
-def hf_clip_similarity(
-    name: str,
-    path: str | None,
-    processor_path: str | None,
-    use_logit_scale: bool,
-    device: str,
-    dtype: str,
-    batch_size: int,
-    tiny: bool = False,
-    seed: int = 0,
-) -> ClipSimilarity:
+class ClipOptions(RewardOptions):
+    path: str | None = None
+    """A local transformers CLIP directory: config.json, weights, tokenizer files, preprocessor_config.json."""
+    processor_path: str | None = None
+    """Where the tokenizer and preprocessor_config.json are read from instead (default: ``path``)."""
+
+
+def hf_clip_similarity(name: str, use_logit_scale: bool, o: ClipOptions) -> ClipSimilarity:
     """A :class:`ClipSimilarity` on a transformers CLIP directory; tokenizer and preprocessing are read from
-    ``processor_path`` (default: ``path``). With ``tiny``: on :func:`tiny_clip` (seeded) and CLIP's
+    ``processor_path`` (default: ``path``). With ``tiny``: on the tiny random CLIP (seeded) and CLIP's
     resize-and-crop preprocessing at its 32 px, no paths."""
-    if tiny_backbone(name, tiny, path=path, processor_path=processor_path):
-        model, tokenizer = tiny_clip(seed, "quick_gelu", str(torch.device(device)), torch_dtype(name, dtype))
+    dtype = torch_dtype(name, o.dtype)
+    if tiny_backbone(name, o.tiny, path=o.path, processor_path=o.processor_path):
+        from otca.testing.rewards import TINY_CLIP_SIDE, tiny_clip
+
+        model, tokenizer = tiny_clip(o.seed, "quick_gelu", str(torch.device(o.device)), dtype)
         prep = CropPrep(shortest_edge=TINY_CLIP_SIDE, crop=(TINY_CLIP_SIDE, TINY_CLIP_SIDE))
     else:
-        model = load_clip_model(name, path, "path", device, torch_dtype(name, dtype))
-        proc_option = "processor_path" if processor_path else "path"
-        proc_dir = processor_path or path
+        model = load_clip_model(name, o.path, "path", o.device, dtype)
+        proc_option = "processor_path" if o.processor_path else "path"
+        proc_dir = o.processor_path or o.path
         tokenizer = load_clip_tokenizer(name, proc_dir, proc_option)
         prep = crop_prep_from_processor(name, proc_dir, proc_option)
     scale = float(model.logit_scale.exp()) if use_logit_scale else 1.0
-    return ClipSimilarity(name, model, tokenizer, prep, scale, batch_size)
+    return ClipSimilarity(name, model, tokenizer, prep, scale, o.batch_size)
 
 
-def clip_similarity_factory(name: str, use_logit_scale: bool, doc: str) -> Callable[..., Any]:
-    """The registered factory of the :func:`hf_clip_similarity` reward ``name``: its signature is the reward's
-    options, ``doc`` their documentation; ``frames`` wraps it in :class:`FrameMean` (:func:`per_frame`)."""
+def register_clip_similarity(name: str, use_logit_scale: bool, doc: str) -> None:
+    """Register the :func:`hf_clip_similarity` reward ``name`` (options :class:`ClipOptions`, documented by
+    ``doc``); ``frames`` wraps it in :class:`~otca.rewards.scorer.FrameMean`."""
 
-    def build(
-        path: str | None = None,
-        processor_path: str | None = None,
-        device: str = "cpu",
-        dtype: str = "float32",
-        batch_size: int = 16,
-        tiny: bool = False,
-        seed: int = 0,
-        frames: bool = False,
-    ):
-        similarity = hf_clip_similarity(
-            name, path, processor_path, use_logit_scale, device, dtype, batch_size, tiny, seed
-        )
-        return per_frame(similarity, frames)
+    def build(o: ClipOptions):
+        return per_frame(hf_clip_similarity(name, use_logit_scale, o), o.frames)
 
     build.__doc__ = doc
-    return build
+    register_reward(name, ClipOptions)(build)
 
 
-register_reward("clip-t")(
-    clip_similarity_factory(
-        "clip-t",
-        use_logit_scale=False,
-        doc="""CLIP-T: raw cosine similarity of image and prompt (about 0.2-0.35 for a strong CLIP).
+register_clip_similarity(
+    "clip-t",
+    use_logit_scale=False,
+    doc="""CLIP-T: raw cosine similarity of image and prompt (about 0.2-0.35 for a strong CLIP).
 
     ``path``: a local transformers CLIP directory (e.g. a snapshot of openai/clip-vit-large-patch14) with
     config.json, weights, tokenizer files and preprocessor_config.json; ``processor_path`` overrides where
@@ -203,5 +155,4 @@ register_reward("clip-t")(
     (seeded by ``seed``; a test/demo twin, its scores mean nothing). ``frames``: also score videos, as the mean
     over frames (CLIPSIM).
     """,
-    )
 )

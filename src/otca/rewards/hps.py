@@ -14,12 +14,11 @@ pooling after ``ln_post``, text pooled at the EOT token (the largest id, which o
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
-from otca.rewards._common import (
-    LetterboxPrep,
+from otca.rewards.clip import ClipSimilarity, load_clip_tokenizer
+from otca.rewards.loading import (
     load_checkpoint,
-    per_frame,
-    positive_int,
     require_file,
     square_side,
     tensor_dict,
@@ -27,8 +26,10 @@ from otca.rewards._common import (
     torch_dtype,
     transformers_module,
 )
-from otca.rewards.clip import ClipSimilarity, load_clip_tokenizer, tiny_clip
+from otca.rewards.options import RewardOptions
+from otca.rewards.preprocess import LetterboxPrep
 from otca.rewards.registry import register_reward
+from otca.rewards.scorer import per_frame
 
 # open_clip key -> CLIPModel key, for tensors outside the residual blocks. Layout of open_clip's CLIP /
 # VisionTransformer / TextTransformer (hpsv2/src/open_clip/{model,transformer}.py), pairing as in
@@ -69,7 +70,8 @@ def _block_keys(prefix: str, rest: str, value: torch.Tensor) -> dict[str, torch.
     """CLIPModel entries for one residual-block tensor (``rest`` is the name inside the block)."""
     if rest.startswith("attn.in_proj_"):
         kind = rest[len("attn.in_proj_") :]  # weight | bias; rows stacked q, k, v (nn.MultiheadAttention)
-        return {f"{prefix}self_attn.{n}_proj.{kind}": part for n, part in zip("qkv", value.chunk(3, dim=0), strict=True)}
+        parts = zip("qkv", value.chunk(3, dim=0), strict=True)
+        return {f"{prefix}self_attn.{n}_proj.{kind}": part for n, part in parts}
     for src, dst in _BLOCK:
         if rest.startswith(src):
             return {prefix + dst + rest[len(src) :]: value}
@@ -173,34 +175,32 @@ def load_openclip_as_hf(reward: str, path, vision_heads: int, text_heads: int, d
     return model.to(dtype).eval().requires_grad_(False)
 
 
-@register_reward("hpsv2.1")
-def hpsv2_1(
-    path: str | None = None,
-    tokenizer_path: str | None = None,
-    vision_heads: int = 16,
-    text_heads: int = 16,
-    device: str = "cpu",
-    dtype: str = "float32",
-    batch_size: int = 16,
-    tiny: bool = False,
-    seed: int = 0,
-    frames: bool = False,
-):
-    """HPSv2.1: cosine of open_clip ViT-H-14 features.
+class HpsOptions(RewardOptions):
+    path: str | None = None
+    """``HPS_v2.1_compressed.pt`` (xswu/HPSv2; ``HPS_v2_compressed.pt`` gives HPSv2.0 the same way)."""
+    tokenizer_path: str | None = None
+    """A directory with the CLIP BPE as vocab.json + merges.txt (any transformers CLIP snapshot, e.g.
+    laion/CLIP-ViT-H-14-laion2B-s32B-b79K); open_clip's tokenizer uses the same BPE, 77 tokens."""
+    vision_heads: int = Field(default=16, ge=1)
+    """Attention heads of the image tower (not recoverable from tensor shapes; ViT-H-14: 16)."""
+    text_heads: int = Field(default=16, ge=1)
+    """Attention heads of the text tower (ViT-H-14: 16)."""
 
-    ``path``: ``HPS_v2.1_compressed.pt`` (xswu/HPSv2; ``HPS_v2_compressed.pt`` gives HPSv2.0 the same way).
-    ``tokenizer_path``: a directory with the CLIP BPE as vocab.json + merges.txt (any transformers CLIP
-    snapshot, e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K); open_clip's tokenizer uses the same BPE, 77 tokens.
-    ``tiny``: a random tiny CLIP with exact GELU built in-process, HPS's letterbox preprocessing (seeded; a
-    test/demo twin, its scores mean nothing). ``frames``: also score videos, as the mean over frames.
+
+@register_reward("hpsv2.1", HpsOptions)
+def hpsv2_1(o: HpsOptions):
+    """HPSv2.1: cosine of open_clip ViT-H-14 features. ``tiny``: a random tiny CLIP with exact GELU built
+    in-process, HPS's letterbox preprocessing (seeded; a test/demo twin, its scores mean nothing).
+    ``frames``: also score videos, as the mean over frames.
     """
     name = "hpsv2.1"
-    positive_int(name, "vision_heads", vision_heads)
-    positive_int(name, "text_heads", text_heads)
-    if tiny_backbone(name, tiny, path=path, tokenizer_path=tokenizer_path):
-        model, tokenizer = tiny_clip(seed, "gelu", str(torch.device(device)), torch_dtype(name, dtype))
+    dtype = torch_dtype(name, o.dtype)
+    if tiny_backbone(name, o.tiny, path=o.path, tokenizer_path=o.tokenizer_path):
+        from otca.testing.rewards import tiny_clip
+
+        model, tokenizer = tiny_clip(o.seed, "gelu", str(torch.device(o.device)), dtype)
     else:
-        model = load_openclip_as_hf(name, path, vision_heads, text_heads, device, torch_dtype(name, dtype))
-        tokenizer = load_clip_tokenizer(name, tokenizer_path, "tokenizer_path")
+        model = load_openclip_as_hf(name, o.path, o.vision_heads, o.text_heads, o.device, dtype)
+        tokenizer = load_clip_tokenizer(name, o.tokenizer_path, "tokenizer_path")
     prep = LetterboxPrep(size=model.config.vision_config.image_size)
-    return per_frame(ClipSimilarity(name, model, tokenizer, prep, 1.0, batch_size), frames)
+    return per_frame(ClipSimilarity(name, model, tokenizer, prep, 1.0, o.batch_size), o.frames)

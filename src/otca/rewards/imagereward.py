@@ -24,24 +24,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
-from otca.rewards._common import (
-    CropPrep,
-    ImageModelReward,
-    linear_chain,
+from otca.rewards.heads import linear_chain
+from otca.rewards.loading import (
     load_checkpoint,
-    per_frame,
-    positive_int,
     require_dir,
     require_file,
-    seeded,
     square_side,
     tensor_dict,
     tiny_backbone,
     torch_dtype,
     transformers_module,
 )
+from otca.rewards.options import RewardOptions
+from otca.rewards.preprocess import CropPrep
 from otca.rewards.registry import register_reward
+from otca.rewards.scorer import ImageModelReward, per_frame
 
 # ImageReward.py: reward standardization constants and the prompt length.
 _MEAN = 0.16717362830052426
@@ -173,45 +172,15 @@ def load_blip_tokenizer(reward: str, directory: str | None, option: str):
     return add_blip_tokens(transformers_module().BertTokenizer.from_pretrained(str(d), local_files_only=True))
 
 
-def tiny_blip_tokenizer():
-    """A lower-casing WordPiece over ASCII letters, digits and punctuation (word-initial and ``##`` forms, so
-    no text is unknown), BERT's five special tokens first, plus BLIP's two: built offline for the tiny twin."""
-    import string
-
-    chars = string.ascii_lowercase + string.digits + string.punctuation
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
-    return add_blip_tokens(transformers_module().BertTokenizer(vocab={t: i for i, t in enumerate(tokens)}))
-
-
 def tiny_imagereward(name: str, seed: int, device: str, dtype: torch.dtype, batch_size: int) -> ImageReward:
-    """The test/demo twin: ImageReward's structure (BLIP ViT whose tokens a cross-attending BERT reads, an
-    activation-free head on the [CLS] state) at width 32, random and seeded. Its scores mean nothing."""
-    tf = transformers_module()
-    tok = tiny_blip_tokenizer()
-    side = 32
-    # initializer_range: BlipVisionConfig's default (1e-10) would make every image look the same
-    vcfg = tf.BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=side, patch_size=8, layer_norm_eps=1e-6, hidden_act="gelu",
-                               initializer_range=0.02)
-    tcfg = tf.BlipTextConfig(vocab_size=len(tok), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
-                             num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=_MAX_TEXT_LEN,
-                             layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=tok.pad_token_id,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.sep_token_id,
-                             sep_token_id=tok.sep_token_id, is_decoder=True)
-    vision, text, head = seeded(seed, lambda: (
-        tf.BlipVisionModel(vcfg), tf.BlipTextModel(tcfg, add_pooling_layer=False),
-        torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.Linear(8, 1)),
-    ))
-    prep = CropPrep(shortest_edge=side, crop=(side, side))
-    return ImageReward(
-        name,
-        vision.to(device, dtype).eval().requires_grad_(False),
-        text.to(device, dtype).eval().requires_grad_(False),
-        head.eval().requires_grad_(False),
-        tok,
-        prep,
-        batch_size,
-    )
+    """The test/demo twin: ImageReward's structure at width 32 (:func:`otca.testing.rewards.tiny_blip`) with a
+    tiny WordPiece plus BLIP's two tokens. Its scores mean nothing."""
+    from otca.testing.rewards import TINY_BLIP_SIDE, tiny_bert_tokenizer, tiny_blip
+
+    tok = add_blip_tokens(tiny_bert_tokenizer())
+    vision, text, head = tiny_blip(seed, device, dtype, _MAX_TEXT_LEN, tok)
+    prep = CropPrep(shortest_edge=TINY_BLIP_SIDE, crop=(TINY_BLIP_SIDE, TINY_BLIP_SIDE))
+    return ImageReward(name, vision, text, head, tok, prep, batch_size)
 
 
 class ImageReward(ImageModelReward):
@@ -238,46 +207,42 @@ class ImageReward(ImageModelReward):
         return (self.head(h.float()).squeeze(-1) - _MEAN) / _STD  # [b]
 
 
-@register_reward("imagereward")
-def imagereward(
-    path: str | None = None,
-    tokenizer_path: str | None = None,
-    vision_heads: int = 16,
-    text_heads: int = 12,
-    device: str = "cpu",
-    dtype: str = "float32",
-    batch_size: int = 16,
-    tiny: bool = False,
-    seed: int = 0,
-    frames: bool = False,
-):
-    """``path``: ``ImageReward.pt`` (THUDM/ImageReward). ``tokenizer_path``: a local bert-base-uncased
-    directory (vocab.txt). Head counts default to ImageReward's ViT-L/16 (16) and BERT-base (12).
-    ``tiny``: a random tiny BLIP + BERT built in-process (seeded; a test/demo twin, its scores mean nothing).
-    ``frames``: also score videos, as the mean over frames."""
+class ImageRewardOptions(RewardOptions):
+    path: str | None = None
+    """``ImageReward.pt`` (THUDM/ImageReward)."""
+    tokenizer_path: str | None = None
+    """A local bert-base-uncased directory (vocab.txt)."""
+    vision_heads: int = Field(default=16, ge=1)
+    """Attention heads of the BLIP ViT (ImageReward's ViT-L/16: 16)."""
+    text_heads: int = Field(default=12, ge=1)
+    """Attention heads of the BERT text encoder (BERT-base: 12)."""
+
+
+@register_reward("imagereward", ImageRewardOptions)
+def imagereward(o: ImageRewardOptions):
+    """ImageReward. ``tiny``: a random tiny BLIP + BERT built in-process (seeded; a test/demo twin, its scores
+    mean nothing). ``frames``: also score videos, as the mean over frames."""
     name = "imagereward"
-    positive_int(name, "vision_heads", vision_heads)
-    positive_int(name, "text_heads", text_heads)
-    dt = torch_dtype(name, dtype)
-    if tiny_backbone(name, tiny, path=path, tokenizer_path=tokenizer_path):
-        return per_frame(tiny_imagereward(name, seed, device, dt, batch_size), frames)
-    ckpt_file = require_file(name, path, "path")
+    dt = torch_dtype(name, o.dtype)
+    if tiny_backbone(name, o.tiny, path=o.path, tokenizer_path=o.tokenizer_path):
+        return per_frame(tiny_imagereward(name, o.seed, o.device, dt, o.batch_size), o.frames)
+    ckpt_file = require_file(name, o.path, "path")
     state = tensor_dict(name, ckpt_file, load_checkpoint(name, ckpt_file))
     vision_sd, text_sd = split_imagereward_state(name, ckpt_file, state)
-    vcfg, tcfg = blip_configs(name, vision_sd, text_sd, vision_heads, text_heads)
+    vcfg, tcfg = blip_configs(name, vision_sd, text_sd, o.vision_heads, o.text_heads)
     head = linear_chain(name, ckpt_file, state, "mlp.")
     if head[0].in_features != tcfg.hidden_size:
         raise ValueError(f"reward '{name}': '{ckpt_file}' head takes {head[0].in_features} inputs, text width "
                          f"is {tcfg.hidden_size}")
     tf = transformers_module()
-    with torch.device(device):  # random init on the target device is fast; the weights replace it below
+    with torch.device(o.device):  # random init on the target device is fast; the weights replace it below
         vision = tf.BlipVisionModel(vcfg)
         text = tf.BlipTextModel(tcfg, add_pooling_layer=False)
     _strict_load(name, ckpt_file, vision, vision_sd, "vision tower")
     _strict_load(name, ckpt_file, text, text_sd, "text encoder")
-    tokenizer = load_blip_tokenizer(name, tokenizer_path, "tokenizer_path")
+    tokenizer = load_blip_tokenizer(name, o.tokenizer_path, "tokenizer_path")
     if len(tokenizer) > tcfg.vocab_size:
-        raise ValueError(f"reward '{name}': tokenizer in '{tokenizer_path}' has {len(tokenizer)} tokens, the "
+        raise ValueError(f"reward '{name}': tokenizer in '{o.tokenizer_path}' has {len(tokenizer)} tokens, the "
                          f"checkpoint embeds {tcfg.vocab_size}")
     prep = CropPrep(shortest_edge=vcfg.image_size, crop=(vcfg.image_size, vcfg.image_size))
     return per_frame(
@@ -288,7 +253,7 @@ def imagereward(
             head,
             tokenizer,
             prep,
-            batch_size,
+            o.batch_size,
         ),
-        frames,
+        o.frames,
     )

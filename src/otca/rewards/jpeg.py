@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 import torch
 from PIL import Image
+from pydantic import Field
 
+from otca.rewards.options import WeightFreeOptions
 from otca.rewards.registry import register_reward
 
 CHANNELS = (1, 3)  # grayscale ('L') or RGB
@@ -28,17 +30,21 @@ def jpeg_kilobytes(frame: torch.Tensor, quality: int = 95) -> float:
     return buf.tell() / 1000.0
 
 
-@register_reward("jpeg-compressibility")
+class JpegOptions(WeightFreeOptions):
+    quality: int = Field(default=95, ge=1, le=100)
+    """JPEG quality Pillow saves at (DDPO: 95)."""
+
+
+@register_reward("jpeg-compressibility", JpegOptions)
 class JpegCompressibility:
     """``-(JPEG size in kB)`` per sample: ``[B, C, H, W]`` images, or ``[B, C, F, H, W]`` videos scored by the
     mean over their F frames; C = 1 (grayscale) or 3 (RGB). Returns ``[B]`` float32 on CPU."""
 
     name = "jpeg-compressibility"
+    names: tuple[str, ...] = (name,)
 
-    def __init__(self, quality: int = 95):
-        if not 1 <= quality <= 100:
-            raise ValueError(f"jpeg-compressibility: quality must be in [1, 100], got {quality}")
-        self.quality = quality
+    def __init__(self, options: JpegOptions = JpegOptions()):  # noqa: B008 (frozen: safe to share)
+        self.quality = options.quality
 
     def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if pixels.ndim not in (4, 5) or pixels.shape[1] not in CHANNELS:

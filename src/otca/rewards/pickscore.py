@@ -8,14 +8,12 @@ normalization makes both unnecessary, and the raw value is what papers report.
 
 from __future__ import annotations
 
-from otca.rewards.clip import clip_similarity_factory
-from otca.rewards.registry import register_reward
+from otca.rewards.clip import register_clip_similarity
 
-register_reward("pickscore")(
-    clip_similarity_factory(
-        "pickscore",
-        use_logit_scale=True,
-        doc="""PickScore_v1.
+register_clip_similarity(
+    "pickscore",
+    use_logit_scale=True,
+    doc="""PickScore_v1.
 
     ``path``: a local snapshot of yuvalkirstain/PickScore_v1 (a transformers CLIP directory).
     ``processor_path``: where the tokenizer and preprocessor_config.json live; the official code uses
@@ -24,5 +22,4 @@ register_reward("pickscore")(
     random tiny CLIP built in-process (seeded by ``seed``; a test/demo twin, its scores mean nothing).
     ``frames``: also score videos, as the mean over frames.
     """,
-    )
 )

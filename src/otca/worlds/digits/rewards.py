@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from otca.rewards.options import WeightFreeOptions
 from otca.rewards.registry import register_reward
 from otca.worlds.digits.judges import ASSETS_DIR, as_digit_pixels, load_classifier, prompted_probability
 
@@ -26,16 +27,21 @@ SPECKLE_SCALE = 0.03  # real digits' speckle is ~0.005 (smoothness ~0.84), unifo
 CENTRE_SIGMA = 2.0  # pixels; real digits' centroids sit ~1 px from the centre
 
 
-@register_reward("digit-alignment")
+class DigitAlignmentOptions(WeightFreeOptions):
+    assets_dir: str | None = None
+    """A folder written by ``train_judges`` holding the classifier (default: the shipped weights)."""
+
+
+@register_reward("digit-alignment", DigitAlignmentOptions)
 class DigitAlignment:
     """``p(prompted digit | pixels)`` under the shipped classifier, in [0, 1]. An unknown prompt raises
     :class:`~otca.worlds.digits.prompts.UnknownPromptError` (the step fails loudly)."""
 
     name = "digit-alignment"
+    names: tuple[str, ...] = (name,)
 
-    def __init__(self, assets_dir: str | None = None):
-        """``assets_dir``: a folder written by ``train_judges`` (default: the shipped weights)."""
-        self.model = load_classifier(Path(assets_dir) if assets_dir else ASSETS_DIR)
+    def __init__(self, options: DigitAlignmentOptions):
+        self.model = load_classifier(Path(options.assets_dir) if options.assets_dir else ASSETS_DIR)
 
     def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return prompted_probability(self.model, pixels, prompts, self.name)  # [B]
@@ -88,16 +94,21 @@ def stroke_quality(x: torch.Tensor) -> torch.Tensor:
     ``x [B, 1, H, W]`` in [0, 1] -> ``[B]`` in [0, 1].
 
     Real test digits score ~0.24 on average, Gaussian-blurred ones ~0.18 (sigma 1 px) and ~0.14 (1.5 px),
-    uniform noise ~0.0005, empty and full frames 0; a crisp centred disk with the right amount of ink scores 1 (the score's intended loophole)."""
+    uniform noise ~0.0005, empty and full frames 0; a crisp centred disk with the right amount of ink scores 1
+    (the score's intended loophole)."""
     return crispness(x) * smoothness(x) * ink_balance(x) * centring(x)  # [B]
 
 
-@register_reward("stroke-quality")
+@register_reward("stroke-quality", WeightFreeOptions)
 class StrokeQuality:
     """How clean and well-formed the stroke image looks, in [0, 1], ignoring the prompt: see
     :func:`stroke_quality` for the formula."""
 
     name = "stroke-quality"
+    names: tuple[str, ...] = (name,)
+
+    def __init__(self, options: WeightFreeOptions = WeightFreeOptions()):  # noqa: B008 (frozen: safe to share)
+        """No options: the formula is fixed."""
 
     def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return stroke_quality(as_digit_pixels(pixels, self.name))  # [B]
