@@ -116,7 +116,12 @@ class TrainConfig(_Section):
     objective: Literal["clip", "log-hinge"] = "clip"
     """Policy objective: the clipped surrogate, or PCPO's log-hinge."""
     kl_coef: float = Field(0.1, ge=0)
-    """Weight of the KL to the initial policy (Flow-GRPO's mean-difference form); 0 = off."""
+    """Weight of the KL to the initial policy (a mean-difference penalty, form set by ``kl_form``); 0 = off."""
+    kl_form: Literal["exact", "flow-grpo"] = "exact"
+    """How the KL divides the squared mean difference of the two transitions: 'exact' by 2 std^2 with the
+    transition std g*sqrt(sigma - sigma_next) (the exact Gaussian KL); 'flow-grpo' by 2 g^2 (Flow-GRPO's
+    train_sd3.py, no sqrt(dt) factor). exact = flow-grpo / (sigma - sigma_next): 4x-28x on 10 shift-3 steps, so use
+    'flow-grpo' with a kl_coef taken from Flow-GRPO."""
     timestep_fraction: float = Field(1.0, gt=0, le=1)
     """Fraction of the (non-dropped) transitions trained each iteration."""
     timestep_selection: Literal["random", "prefix"] = "random"

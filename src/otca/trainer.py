@@ -313,7 +313,7 @@ class Trainer:
             with torch.no_grad():
                 v_ref = self._ref_velocity(x, k, cond[mb])
                 _, _, ref_mean, _ = self.transition(x, v_ref, sig, sig_next, eta=s.eta, prev=x_next)
-            kl = kl_to_reference(mean, ref_mean, std)[:, None]
+            kl = kl_to_reference(mean, ref_mean, std, form=t.kl_form, sigma=sig, sigma_next=sig_next)[:, None]
         return policy_loss(
             logp[:, None], old_logp[mb, k][:, None], adv[mb, k][:, None], mask[mb, k][:, None],
             clip_range=t.clip_range, objective=t.objective, kl=kl, kl_coef=t.kl_coef, normalizer=normalizer,

@@ -4,7 +4,9 @@ policy loss. Pure tensor functions in fp32; nothing here knows about models, fil
 from otca.flow.loss import OBJECTIVES, Objective, clipped_surrogate, log_hinge, policy_loss
 from otca.flow.schedule import make_sigmas, shift_sigmas
 from otca.flow.sde import (
+    KL_FORMS,
     TRANSITIONS,
+    KlScale,
     NoiseScale,
     Transition,
     dance_noise_scale,
@@ -26,7 +28,9 @@ __all__ = [
     "policy_loss",
     "make_sigmas",
     "shift_sigmas",
+    "KL_FORMS",
     "TRANSITIONS",
+    "KlScale",
     "NoiseScale",
     "Transition",
     "dance_noise_scale",
