@@ -7,11 +7,12 @@ naming the field.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 
 from otca.credit import CreditConfig
 
@@ -67,11 +68,27 @@ class PromptConfig(_Section):
     """Held-out evaluation prompts, same forms as ``train``."""
 
 
+def _shift_value(value: Any) -> float | str:
+    """``sampler.shift``: a finite number > 0 or the string 'auto' (one error for both, not one per union member)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    raise ValueError("expected a number > 0 or 'auto'")
+
+
 class SamplerConfig(_Section):
     num_steps: int = Field(16, ge=1)
     """Denoising steps T of a rollout."""
-    shift: float = Field(3.0, gt=0)
-    """Time shift s of the sigma schedule: sigma -> s*sigma / (1 + (s-1)*sigma)."""
+    shift: Annotated[float | Literal["auto"], PlainValidator(_shift_value)] = 3.0
+    """Time shift s of the sigma schedule: sigma -> s*sigma / (1 + (s-1)*sigma). 'auto': FluxPipeline's dynamic
+    shift, s = exp(mu) with mu from the image token count and the model's scheduler config (model kind flux only;
+    1.88 at 512x512, 3.16 at 1024x1024 for FLUX.1-dev)."""
+    schedule: Literal["shift", "diffusers"] = "shift"
+    """Sigma grid before and after the shift, for rollouts and evaluation alike: 'shift' = linspace(1, 0, T+1) shifted
+    (DanceGRPO, FluxPipeline); 'diffusers' = diffusers' FlowMatchEulerDiscreteScheduler(shift=s).set_timesteps(T)
+    default (StableDiffusion3Pipeline, Flow-GRPO's SD3 recipe): shifted twice, its last step ends at 0.0089 for
+    T=10, s=3 instead of 0.25. 'diffusers' takes a numeric shift."""
     sde: str = "flow-sde"
     """Stochastic transition of rollouts: 'flow-sde' (Flow-GRPO) or 'dance-sde' (DanceGRPO)."""
     eta: float = Field(0.7, ge=0)

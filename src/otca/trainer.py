@@ -84,7 +84,10 @@ class Trainer:
         self.eval_prompts = load_prompts(cfg.prompts.eval)
         self.scheme = get_scheme(cfg.train.scheme)
         self.transition = get_transition(cfg.sampler.sde)
-        self.sigmas = make_sigmas(cfg.sampler.num_steps, cfg.sampler.shift)
+        self.sigmas = make_sigmas(
+            cfg.sampler.num_steps, cfg.sampler.shift, cfg.sampler.schedule,
+            dynamic=getattr(self.policy, "dynamic_shift", None),
+        )
         if not any(p.requires_grad for p in self.policy.parameters()):
             raise ValueError("model: no trainable parameters")
         if cfg.fsdp and cfg.train.kl_coef > 0:
@@ -346,7 +349,8 @@ class Trainer:
         with self.swapped(self.ema), self.eval_mode():
             res = evaluate_policy(
                 self.policy, self.rewards, self.eval_prompts, samples_per_prompt=e.samples_per_prompt,
-                num_steps=s.eval_steps, shift=s.shift, seed=e.seed, suite=e.metrics, micro_batch=self.cfg.train.micro_batch * 2,
+                num_steps=s.eval_steps, shift=s.shift, schedule=s.schedule, seed=e.seed, suite=e.metrics,
+                micro_batch=self.cfg.train.micro_batch * 2,
                 velocity=self.model,
             )
         if tag is not None and self.info.is_main and self.cfg.plots:

@@ -2,7 +2,17 @@
 policy loss. Pure tensor functions in fp32; nothing here knows about models, files or configs."""
 
 from otca.flow.loss import OBJECTIVES, Objective, clipped_surrogate, log_hinge, policy_loss
-from otca.flow.schedule import make_sigmas, shift_sigmas
+from otca.flow.schedule import (
+    SCHEDULES,
+    DynamicShift,
+    Schedule,
+    diffusers_default_sigmas,
+    dynamic_shift_mu,
+    linear_shifted_sigmas,
+    make_sigmas,
+    resolve_shift,
+    shift_sigmas,
+)
 from otca.flow.sde import (
     KL_FORMS,
     TRANSITIONS,
@@ -26,7 +36,14 @@ __all__ = [
     "clipped_surrogate",
     "log_hinge",
     "policy_loss",
+    "SCHEDULES",
+    "DynamicShift",
+    "Schedule",
+    "diffusers_default_sigmas",
+    "dynamic_shift_mu",
+    "linear_shifted_sigmas",
     "make_sigmas",
+    "resolve_shift",
     "shift_sigmas",
     "KL_FORMS",
     "TRANSITIONS",
