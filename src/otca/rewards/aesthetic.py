@@ -8,6 +8,7 @@ with dropouts and no activations. The prompt is not used.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -48,7 +49,7 @@ def tiny_laion_aesthetic(name: str, seed: int, device: str, dtype: str, batch_si
     model, _ = tiny_clip(seed, "quick_gelu", str(torch.device(device)), torch_dtype(name, dtype))
     width = model.config.projection_dim
     head = seeded(seed, lambda: torch.nn.Sequential(torch.nn.Linear(width, 8), torch.nn.Linear(8, 1)))
-    prep = CropPrep(shortest_edge=TINY_CLIP_SIDE, crop=(TINY_CLIP_SIDE, TINY_CLIP_SIDE))
+    prep = CropPrep(shortest_edge=TINY_CLIP_SIDE, crop=(TINY_CLIP_SIDE, TINY_CLIP_SIDE), rounding="half-even")
     return LaionAesthetic(name, model, prep, head.eval().requires_grad_(False), batch_size)
 
 
@@ -79,5 +80,6 @@ def laion_aesthetic(
             f"reward '{name}': head '{head_file}' takes {head[0].in_features}-d embeddings but the CLIP in "
             f"'{clip_path}' projects to {model.config.projection_dim} (expected ViT-L/14, 768)"
         )
-    prep = crop_prep_from_processor(name, clip_path, "clip_path")
+    # The predictor's reference is clip.load's torchvision preprocess (CenterCrop rounds half to even)
+    prep = dataclasses.replace(crop_prep_from_processor(name, clip_path, "clip_path"), rounding="half-even")
     return per_frame(LaionAesthetic(name, model, prep, head, batch_size), frames)

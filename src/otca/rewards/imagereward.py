@@ -202,7 +202,7 @@ def tiny_imagereward(name: str, seed: int, device: str, dtype: torch.dtype, batc
         tf.BlipVisionModel(vcfg), tf.BlipTextModel(tcfg, add_pooling_layer=False),
         torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.Linear(8, 1)),
     ))
-    prep = CropPrep(shortest_edge=side, crop=(side, side))
+    prep = CropPrep(shortest_edge=side, crop=(side, side), rounding="half-even")  # torchvision CenterCrop
     return ImageReward(
         name,
         vision.to(device, dtype).eval().requires_grad_(False),
@@ -279,7 +279,8 @@ def imagereward(
     if len(tokenizer) > tcfg.vocab_size:
         raise ValueError(f"reward '{name}': tokenizer in '{tokenizer_path}' has {len(tokenizer)} tokens, the "
                          f"checkpoint embeds {tcfg.vocab_size}")
-    prep = CropPrep(shortest_edge=vcfg.image_size, crop=(vcfg.image_size, vcfg.image_size))
+    # ImageReward preprocesses with torchvision: Resize(224, bicubic) + CenterCrop(224), which rounds half to even
+    prep = CropPrep(shortest_edge=vcfg.image_size, crop=(vcfg.image_size, vcfg.image_size), rounding="half-even")
     return per_frame(
         ImageReward(
             name,
