@@ -56,7 +56,12 @@ class RewardSpec(_Section):
     name: str
     """A registered reward (``otca.rewards.registry``)."""
     weight: float = 1.0
-    """Weight of this objective in linear aggregators (grpo, flow-grpo, gdpo); MOCA ignores it."""
+    """Objective weight beta_k, used by every credit scheme (>= 0 with a positive sum, checked when credit runs).
+    grpo, tcd, pcpo, tempflow: z = sum_k beta_k A_k over per-objective group advantages A_k (not renormalised:
+    doubling every weight doubles z before adv_clip). flow-grpo: the raw sum sum_k beta_k r_k is group-normalised
+    (the scale of beta cancels). gdpo: sum_k beta_k A_k renormalised over the batch (the scale cancels). moca, otca:
+    A_k is multiplied by beta_k before MOCA, whose z = clip(lambda/2, min_k beta_k A_k, max_k beta_k A_k) with lambda
+    gated by the sign of sum_k beta_k A_k: beta moves both MOCA's bounds and its gate."""
     options: dict[str, Any] = {}
     """Keyword options for the reward's factory (local weight paths, batch size, ...)."""
 
