@@ -87,7 +87,7 @@ class SamplerConfig(_Section):
     """Denoising steps T of a rollout."""
     shift: Annotated[float | Literal["auto"], PlainValidator(_shift_value)] = 3.0
     """Time shift s of the sigma schedule: sigma -> s*sigma / (1 + (s-1)*sigma). 'auto': FluxPipeline's dynamic
-    shift, s = exp(mu) with mu from the image token count and the model's scheduler config (model kind flux only;
+    shift, s = exp(mu) with mu from the image token count and the model's scheduler config (FLUX adapter only;
     1.88 at 512x512, 3.16 at 1024x1024 for FLUX.1-dev)."""
     schedule: Literal["shift", "diffusers"] = "shift"
     """Sigma grid before and after the shift, for rollouts and evaluation alike: 'shift' = linspace(1, 0, T+1) shifted
