@@ -147,7 +147,8 @@ def cmd_sample(args) -> int:
     with swapped(trainer.params, trainer.ema), eval_mode(trainer.policy), torch.no_grad():
         cond = trainer.policy.encode(prompts)
         x = initial_noise(trainer.policy, args.seed, 0, range(len(prompts)), [], same_per_group=False)
-        x = sample_ode(trainer.policy, cond, x, make_sigmas(s.eval_steps, s.shift))
+        sigmas = make_sigmas(s.eval_steps, s.shift, s.schedule, dynamic=getattr(trainer.policy, "dynamic_shift", None))
+        x = sample_ode(trainer.policy, cond, x, sigmas)
         pixels = trainer.policy.decode(x).float().clamp(0, 1).cpu()
     out = Path(args.out or Path(args.run_dir) / "sample.png")
     save_grid(pixels, prompts, out, per_row=args.n)

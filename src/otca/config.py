@@ -7,12 +7,13 @@ naming the field.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
 
 from otca.credit import CreditConfig
 from otca.registry import Registry
@@ -57,9 +58,13 @@ class RewardSpec(_Section):
     name: str
     """A registered reward (``otca.rewards.registry``)."""
     weight: float | list[float] = 1.0
-    """Weight of this reward's objectives in linear aggregators (grpo, flow-grpo, gdpo); MOCA ignores it. One
-    number weights every score column of the reward; a list gives one weight per column (a multi-objective
-    reward such as ``videoalign`` has several)."""
+    """Objective weight beta_k, used by every credit scheme (>= 0 with a positive sum, checked when credit runs).
+    grpo, tcd, pcpo, tempflow: z = sum_k beta_k A_k over per-objective group advantages A_k (not renormalised:
+    doubling every weight doubles z before adv_clip). flow-grpo: the raw sum sum_k beta_k r_k is group-normalised
+    (the scale of beta cancels). gdpo: sum_k beta_k A_k renormalised over the batch (the scale cancels). moca, otca:
+    A_k is multiplied by beta_k before MOCA, whose z = clip(lambda/2, min_k beta_k A_k, max_k beta_k A_k) with lambda
+    gated by the sign of sum_k beta_k A_k: beta moves both MOCA's bounds and its gate. One number weights every
+    score column of the reward; a list gives one weight per column (a multi-objective reward such as ``videoalign``)."""
     options: dict[str, Any] = {}
     """Keyword options for the reward's factory (local weight paths, batch size, ...)."""
 
@@ -71,11 +76,27 @@ class PromptConfig(_Section):
     """Held-out evaluation prompts, same forms as ``train``."""
 
 
+def _shift_value(value: Any) -> float | str:
+    """``sampler.shift``: a finite number > 0 or the string 'auto' (one error for both, not one per union member)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    raise ValueError("expected a number > 0 or 'auto'")
+
+
 class SamplerConfig(_Section):
     num_steps: int = Field(16, ge=1)
     """Denoising steps T of a rollout."""
-    shift: float = Field(3.0, gt=0)
-    """Time shift s of the sigma schedule: sigma -> s*sigma / (1 + (s-1)*sigma)."""
+    shift: Annotated[float | Literal["auto"], PlainValidator(_shift_value)] = 3.0
+    """Time shift s of the sigma schedule: sigma -> s*sigma / (1 + (s-1)*sigma). 'auto': FluxPipeline's dynamic
+    shift, s = exp(mu) with mu from the image token count and the model's scheduler config (FLUX adapter only;
+    1.88 at 512x512, 3.16 at 1024x1024 for FLUX.1-dev)."""
+    schedule: Literal["shift", "diffusers"] = "shift"
+    """Sigma grid before and after the shift, for rollouts and evaluation alike: 'shift' = linspace(1, 0, T+1) shifted
+    (DanceGRPO, FluxPipeline); 'diffusers' = diffusers' FlowMatchEulerDiscreteScheduler(shift=s).set_timesteps(T)
+    default (StableDiffusion3Pipeline, Flow-GRPO's SD3 recipe): shifted twice, its last step ends at 0.0089 for
+    T=10, s=3 instead of 0.25. 'diffusers' takes a numeric shift."""
     sde: str = "flow-sde"
     """Stochastic transition of rollouts: 'flow-sde' (Flow-GRPO) or 'dance-sde' (DanceGRPO)."""
     eta: float = Field(0.7, ge=0)
@@ -120,7 +141,12 @@ class TrainConfig(_Section):
     objective: Literal["clip", "log-hinge"] = "clip"
     """Policy objective: the clipped surrogate, or PCPO's log-hinge."""
     kl_coef: float = Field(0.1, ge=0)
-    """Weight of the KL to the initial policy (Flow-GRPO's mean-difference form); 0 = off."""
+    """Weight of the KL to the initial policy (a mean-difference penalty, form set by ``kl_form``); 0 = off."""
+    kl_form: Literal["exact", "flow-grpo"] = "exact"
+    """How the KL divides the squared mean difference of the two transitions: 'exact' by 2 std^2 with the
+    transition std g*sqrt(sigma - sigma_next) (the exact Gaussian KL); 'flow-grpo' by 2 g^2 (Flow-GRPO's
+    train_sd3.py, no sqrt(dt) factor). exact = flow-grpo / (sigma - sigma_next): 4x-28x on 10 shift-3 steps, so use
+    'flow-grpo' with a kl_coef taken from Flow-GRPO."""
     timestep_fraction: float = Field(1.0, gt=0, le=1)
     """Fraction of the (non-dropped) transitions trained each iteration."""
     timestep_selection: Literal["random", "prefix"] = "random"

@@ -69,11 +69,12 @@ def evaluate_policy(
     *,
     samples_per_prompt: int,
     num_steps: int,
-    shift: float,
+    shift: float | str,
     seed: int,
     suite: str | None,
     micro_batch: int = 32,
     velocity: Callable | None = None,
+    schedule: str = "shift",
 ) -> EvalResult:
     """Deterministic ODE samples (fixed seeds) for every prompt, then rewards and the eval-only suite."""
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
@@ -81,7 +82,8 @@ def evaluate_policy(
     n = len(all_prompts)
     x = initial_noise(policy, seed, 0, range(n), group_ids.tolist(), same_per_group=False)
     cond = policy.encode(all_prompts)
-    x = sample_ode(policy, cond, x, make_sigmas(num_steps, shift), micro_batch=micro_batch, velocity=velocity)
+    sigmas = make_sigmas(num_steps, shift, schedule, dynamic=getattr(policy, "dynamic_shift", None))  # [T+1]
+    x = sample_ode(policy, cond, x, sigmas, micro_batch=micro_batch, velocity=velocity)
     pixels = policy.decode(x).float().clamp(0, 1)
     scores = rewards(pixels, all_prompts)  # [N, K]
     metrics = {f"reward/{name}": float(scores[:, k].mean()) for k, name in enumerate(rewards.names)}

@@ -73,7 +73,10 @@ class Trainer:
         self.eval_prompts = load_prompts(cfg.prompts.eval)
         self.scheme = get_scheme(cfg.train.scheme)
         self.transition = get_transition(cfg.sampler.sde)  # the one SDE step of the rollout and the update
-        self.sigmas = make_sigmas(cfg.sampler.num_steps, cfg.sampler.shift)
+        self.sigmas = make_sigmas(
+            cfg.sampler.num_steps, cfg.sampler.shift, cfg.sampler.schedule,
+            dynamic=getattr(self.policy, "dynamic_shift", None),
+        )
         if not any(p.requires_grad for p in self.policy.parameters()):
             raise ValueError("model: no trainable parameters")
         if cfg.fsdp and cfg.train.kl_coef > 0:
@@ -276,7 +279,7 @@ class Trainer:
             with torch.no_grad():
                 v_ref = self._ref_velocity(x, k, cond[mb])
                 _, _, ref_mean, _ = self.transition(x, v_ref, sig, sig_next, eta=s.eta, prev=x_next)
-            kl = kl_to_reference(mean, ref_mean, std)[:, None]
+            kl = kl_to_reference(mean, ref_mean, std, form=t.kl_form, sigma=sig, sigma_next=sig_next)[:, None]
         return policy_loss(
             logp[:, None], old_logp[mb, k][:, None], adv[mb, k][:, None], mask[mb, k][:, None],
             clip_range=t.clip_range, objective=t.objective, kl=kl, kl_coef=t.kl_coef, normalizer=normalizer,
@@ -323,7 +326,7 @@ class Trainer:
         with swapped(self.params, self.ema), eval_mode(self.policy):
             res = evaluate_policy(
                 self.policy, self.rewards, self.eval_prompts, samples_per_prompt=e.samples_per_prompt,
-                num_steps=s.eval_steps, shift=s.shift, seed=e.seed, suite=e.metrics,
+                num_steps=s.eval_steps, shift=s.shift, schedule=s.schedule, seed=e.seed, suite=e.metrics,
                 micro_batch=self.cfg.train.micro_batch * 2, velocity=self.model,
             )
         if tag is not None and self.info.is_main and self.cfg.plots:

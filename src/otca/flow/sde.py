@@ -296,12 +296,59 @@ def get_transition(name: str) -> Transition:
     return TRANSITIONS.get(name)
 
 
-def kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL between two Gaussian transitions that share ``std``: ``||mean - ref_mean||^2 / (2 std^2)``, mean over
-    the non-batch dims -> ``[B]`` fp32 (Flow-GRPO's KL loss form).
+# (std [B, 1, ..., 1] of the transition, sigma - sigma_next [B, 1, ..., 1] or None) -> the std the KL divides by
+KlScale = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
-    With the transition ``std`` returned by a step this is the exact per-dimension KL. Flow-GRPO divides by
-    ``g^2`` without the ``-dt`` factor (its issue #78); pass ``std / sqrt(sigma - sigma_next)`` to reproduce it.
+KL_FORMS: Registry[KlScale] = Registry("KL form")
+
+
+@KL_FORMS.register("exact")
+def exact_kl_std(std: torch.Tensor, step: torch.Tensor | None) -> torch.Tensor:
+    """The transition's own std ``g sqrt(sigma - sigma_next)``: the exact KL between the two Gaussian steps."""
+    return std
+
+
+@KL_FORMS.register("flow-grpo")
+def flow_grpo_kl_std(std: torch.Tensor, step: torch.Tensor | None) -> torch.Tensor:
+    """The SDE noise scale ``g = std / sqrt(sigma - sigma_next)``: Flow-GRPO's ``std_dev_t`` (the KL term of
+    ``scripts/train_sd3.py``, ``((mean - mean_ref)**2).mean(dims) / (2 * std_dev_t**2)`` with ``std_dev_t`` from
+    ``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py``), which leaves out the step's ``sqrt(-dt)``."""
+    if step is None:
+        raise ValueError("kl_to_reference: form 'flow-grpo' needs sigma and sigma_next")
+    return std / torch.sqrt(step)
+
+
+def kl_to_reference(
+    mean: torch.Tensor,
+    ref_mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    form: str = "exact",
+    sigma: Sigma | None = None,
+    sigma_next: Sigma | None = None,
+) -> torch.Tensor:
+    """KL penalty between the policy's and the reference's transitions from the same state:
+    ``||mean - ref_mean||^2 / (2 s^2)``, mean over the non-batch dims -> ``[B]`` fp32.
+
+    ``mean, ref_mean [B, *latent]``; ``std [B, 1, ..., 1]`` is the transition std a step returns
+    (``g sqrt(sigma - sigma_next)``). ``form`` (a name in :data:`KL_FORMS`) picks ``s``:
+
+    * ``"exact"``: ``s = std``, the exact per-dimension KL between the two Gaussians (they share ``std``);
+    * ``"flow-grpo"``: ``s = g = std / sqrt(sigma - sigma_next)``, Flow-GRPO's form (its issue #78: the ``dt`` of
+      the variance is missing), which needs ``sigma`` and ``sigma_next`` (floats or ``[B]``).
+
+    ``exact = flow-grpo / (sigma - sigma_next)``: on a 10-step shift-3 schedule the exact KL is 28x Flow-GRPO's on
+    the first step and 4x on the last, so a ``kl_coef`` carried over from Flow-GRPO needs ``form="flow-grpo"``.
     """
-    sq = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)  # [B, *latent]
+    scale = KL_FORMS.get(form)
+    _require_same_shape(ref_mean, mean, "ref_mean")
+    step = None
+    if sigma is not None or sigma_next is not None:
+        if sigma is None or sigma_next is None:
+            raise ValueError(f"kl_to_reference: expected both sigma and sigma_next, got {sigma!r}, {sigma_next!r}")
+        step = _column(sigma, mean, "sigma") - _column(sigma_next, mean, "sigma_next")  # [B, 1, ..., 1]
+        if not bool((step > 0).all()):
+            raise ValueError(f"kl_to_reference: expected sigma_next < sigma, got {sigma!r}, {sigma_next!r}")
+    s = scale(std.float(), step)  # [B, 1, ..., 1]
+    sq = (mean.float() - ref_mean.float()) ** 2 / (2 * s**2)  # [B, *latent]
     return _reduce(sq, "mean")  # [B]

@@ -17,12 +17,16 @@ vector is CLIP-L's ``pooler_output`` over 77 tokens, the sequence is T5's last h
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from pydantic import Field
 
+from otca.flow.schedule import DynamicShift
 from otca.models.build import BuildInputs, build_diffusers_policy
 from otca.models.conditioning import BatchedCond, FrozenTextEncoders, TextFn
 from otca.models.diffusers_policy import DiffusersPolicy
@@ -55,6 +59,12 @@ FLUX_DEV_GUIDANCE = 3.5
 FLUX_T5_TOKENS = 512
 FLUX_SIDE = 1024
 TINY_FLUX_SIDE = 64
+# The dynamic-shift fields of FLUX.1-dev's scheduler/scheduler_config.json (also diffusers'
+# FlowMatchEulerDiscreteScheduler defaults): the scheduler config of a policy built without a directory.
+FLUX1_SCHEDULER_CONFIG: dict[str, Any] = {
+    "use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5,
+    "max_shift": 1.15,
+}
 # The sub-folders of a FluxPipeline directory that the adapter reads, text encoders last.
 FLUX_TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 
@@ -147,6 +157,7 @@ class FluxPolicy(DiffusersPolicy):
         guidance_scale: float | None = None,
         true_cfg_scale: float = 1.0,
         negative_prompt: str = "",
+        scheduler_config: Mapping[str, Any] | None = None,
     ):
         c, h, w = codec.latent_shape
         cfg = transformer.config
@@ -169,6 +180,24 @@ class FluxPolicy(DiffusersPolicy):
         self.codec = codec
         self.guidance_scale = FLUX_DEV_GUIDANCE if guidance_scale is None and cfg.guidance_embeds else guidance_scale
         self.true_cfg_scale = float(true_cfg_scale)
+        self.scheduler_config = dict(FLUX1_SCHEDULER_CONFIG if scheduler_config is None else scheduler_config)
+
+    @property
+    def dynamic_shift(self) -> DynamicShift | None:
+        """FluxPipeline's resolution-dependent shift at this policy's image size (``sampler.shift: auto``): the
+        image token count ``(h/2)(w/2)`` and the scheduler config's fields with FluxPipeline's fallbacks; None
+        when the scheduler config turns dynamic shifting off (FLUX.1-schnell)."""
+        cfg = self.scheduler_config
+        if not cfg.get("use_dynamic_shifting", False):
+            return None
+        _, h, w = self.latent_shape
+        return DynamicShift(
+            image_seq_len=(h // 2) * (w // 2),
+            base_seq_len=int(cfg.get("base_image_seq_len", 256)),
+            max_seq_len=int(cfg.get("max_image_seq_len", 4096)),
+            base_shift=float(cfg.get("base_shift", 0.5)),
+            max_shift=float(cfg.get("max_shift", 1.15)),
+        )
 
     def _transformer(
         self, tokens: torch.Tensor, sigma: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
@@ -311,6 +340,23 @@ def tiny_flux_components(seed: int = 0, text: bool = True) -> dict[str, Any]:
     return parts
 
 
+def read_scheduler_config(root: Path | None) -> dict[str, Any] | None:
+    """``root/scheduler/scheduler_config.json`` of a FluxPipeline directory; None (FLUX.1's values) without a
+    directory; ``{}`` (no dynamic shifting known) for a directory without that file."""
+    if root is None:
+        return None
+    path = Path(root) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.path: '{path}' is not a readable JSON scheduler config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"model.path: '{path}' expected a JSON object")
+    return cfg
+
+
 def flux_policy_from_components(inputs: BuildInputs[FluxOptions]) -> FluxPolicy:
     """Assemble the policy from :func:`tiny_flux_components` / ``FluxPolicy.load_components`` parts and the
     options; with a ``cache`` the text-encoder parts are not needed."""
@@ -321,6 +367,7 @@ def flux_policy_from_components(inputs: BuildInputs[FluxOptions]) -> FluxPolicy:
     policy = FluxPolicy(
         cast_module(inputs.parts["transformer"], inputs.dtype), text, codec,
         guidance_scale=opts.guidance_scale, true_cfg_scale=opts.true_cfg_scale, negative_prompt=opts.negative_prompt,
+        scheduler_config=read_scheduler_config(inputs.root),
     )
     # Rollout and re-evaluation must see one deterministic network (ratio 1): no dropout, as after from_pretrained.
     return policy.eval()

@@ -8,6 +8,7 @@ with dropouts and no activations. The prompt is not used.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -55,7 +56,7 @@ def laion_aesthetic(o: LaionAestheticOptions):
 
         model, _ = tiny_clip(o.seed, "quick_gelu", str(torch.device(o.device)), dtype)
         head = tiny_aesthetic_head(o.seed, model.config.projection_dim)
-        prep = CropPrep(shortest_edge=TINY_CLIP_SIDE, crop=(TINY_CLIP_SIDE, TINY_CLIP_SIDE))
+        prep = CropPrep(shortest_edge=TINY_CLIP_SIDE, crop=(TINY_CLIP_SIDE, TINY_CLIP_SIDE), rounding="half-even")
         return per_frame(LaionAesthetic(name, model, prep, head, o.batch_size), o.frames)
     head_file = require_file(name, o.path, "path", "aesthetic head file")
     head = linear_chain(name, head_file, tensor_dict(name, head_file, load_checkpoint(name, head_file)), "")
@@ -65,5 +66,6 @@ def laion_aesthetic(o: LaionAestheticOptions):
             f"reward '{name}': head '{head_file}' takes {head[0].in_features}-d embeddings but the CLIP in "
             f"'{o.clip_path}' projects to {model.config.projection_dim} (expected ViT-L/14, 768)"
         )
-    prep = crop_prep_from_processor(name, o.clip_path, "clip_path")
+    # The predictor's reference is clip.load's torchvision preprocess (CenterCrop rounds half to even)
+    prep = dataclasses.replace(crop_prep_from_processor(name, o.clip_path, "clip_path"), rounding="half-even")
     return per_frame(LaionAesthetic(name, model, prep, head, o.batch_size), o.frames)

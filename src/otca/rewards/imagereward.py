@@ -179,7 +179,7 @@ def tiny_imagereward(name: str, seed: int, device: str, dtype: torch.dtype, batc
 
     tok = add_blip_tokens(tiny_bert_tokenizer())
     vision, text, head = tiny_blip(seed, device, dtype, _MAX_TEXT_LEN, tok)
-    prep = CropPrep(shortest_edge=TINY_BLIP_SIDE, crop=(TINY_BLIP_SIDE, TINY_BLIP_SIDE))
+    prep = CropPrep(shortest_edge=TINY_BLIP_SIDE, crop=(TINY_BLIP_SIDE, TINY_BLIP_SIDE), rounding="half-even")
     return ImageReward(name, vision, text, head, tok, prep, batch_size)
 
 
@@ -244,7 +244,8 @@ def imagereward(o: ImageRewardOptions):
     if len(tokenizer) > tcfg.vocab_size:
         raise ValueError(f"reward '{name}': tokenizer in '{o.tokenizer_path}' has {len(tokenizer)} tokens, the "
                          f"checkpoint embeds {tcfg.vocab_size}")
-    prep = CropPrep(shortest_edge=vcfg.image_size, crop=(vcfg.image_size, vcfg.image_size))
+    # ImageReward preprocesses with torchvision: Resize(224, bicubic) + CenterCrop(224), which rounds half to even
+    prep = CropPrep(shortest_edge=vcfg.image_size, crop=(vcfg.image_size, vcfg.image_size), rounding="half-even")
     return per_frame(
         ImageReward(
             name,

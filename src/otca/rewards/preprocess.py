@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from otca.rewards.crop import CropRounding, crop_offset
 from otca.rewards.loading import require_dir
 
 # OpenAI CLIP pixel statistics: CLIP, HPS, PickScore, the LAION aesthetic head and ImageReward all use them.
@@ -69,13 +70,14 @@ def shortest_edge_size(h: int, w: int, short: int) -> tuple[int, int]:
     return int(short * h / w), short
 
 
-def center_crop(pixels: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
-    """Center crop ``[B, C, H, W] -> [B, C, *crop]`` with transformers' rounding (top = (H - h) // 2)."""
+def center_crop(pixels: torch.Tensor, crop: tuple[int, int], rounding: CropRounding = "floor") -> torch.Tensor:
+    """Center crop ``[B, C, H, W] -> [B, C, *crop]``; an odd margin rounds as ``rounding`` says
+    (:func:`~otca.rewards.crop.crop_offset`: "floor" = transformers, "half-even" = torchvision's CenterCrop)."""
     h, w = pixels.shape[-2:]
     ch, cw = crop
     if ch > h or cw > w:
         raise ValueError(f"center_crop: crop {crop} larger than image {(h, w)}")
-    top, left = (h - ch) // 2, (w - cw) // 2
+    top, left = crop_offset(h, ch, rounding), crop_offset(w, cw, rounding)
     return pixels[..., top : top + ch, left : left + cw]
 
 
@@ -90,11 +92,10 @@ def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 class CropPrep:
     """CLIP-style preprocessing: resize the shortest edge, center crop, normalize.
 
-    The tensor twin of transformers' ``CLIPImageProcessor`` and of torchvision's
-    ``Resize(n, bicubic) + CenterCrop(n) + Normalize`` used by CLIP, ImageReward and the LAION aesthetic
-    predictor. The reference pipelines resample uint8 PIL images, so values agree to ~1/255 before
-    normalization; torchvision's CenterCrop rounds the offset differently and may sit 1 px away on
-    non-square inputs with an odd margin.
+    The tensor twin of transformers' ``CLIPImageProcessor`` (``rounding="floor"``) and of torchvision's
+    ``Resize(n, bicubic) + CenterCrop(n) + Normalize`` (``rounding="half-even"``) used by ImageReward and the
+    LAION aesthetic predictor: the two place the crop of an odd margin differently (:mod:`otca.rewards.crop`).
+    The reference pipelines resample uint8 PIL images, so values agree to ~1/255 before normalization.
     """
 
     shortest_edge: int
@@ -102,12 +103,13 @@ class CropPrep:
     mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     std: tuple[float, ...] = OPENAI_CLIP_STD
     mode: str = "bicubic"
+    rounding: CropRounding = "floor"
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] -> ``[B, 3, *crop]`` normalized."""
         size = shortest_edge_size(*pixels.shape[-2:], self.shortest_edge)
         x = _resize(pixels, size, self.mode).clamp(0, 1)  # PIL saturates to uint8: bicubic overshoot is cut
-        return normalize(center_crop(x, self.crop), self.mean, self.std)
+        return normalize(center_crop(x, self.crop, self.rounding), self.mean, self.std)
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class LetterboxPrep:
     mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     std: tuple[float, ...] = OPENAI_CLIP_STD
     mode: str = "bicubic"
+    rounding: CropRounding = "floor"
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] -> ``[B, 3, size, size]`` normalized."""
