@@ -34,7 +34,9 @@ def as_clips(pixels: torch.Tensor, who: str) -> torch.Tensor:
 
 def _grid(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel-centre coordinates from the canvas centre: x ``[1, W]`` and y ``[H, 1]``."""
-    return torch.arange(w, dtype=torch.float32)[None, :] - (w - 1) / 2, torch.arange(h, dtype=torch.float32)[:, None] - (h - 1) / 2
+    x = torch.arange(w, dtype=torch.float32)[None, :] - (w - 1) / 2
+    y = torch.arange(h, dtype=torch.float32)[:, None] - (h - 1) / 2
+    return x, y
 
 
 def centroids(clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
