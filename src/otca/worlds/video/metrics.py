@@ -96,7 +96,8 @@ def measured_motion(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dynamic(pixels: torch.Tensor) -> torch.Tensor:
     """``[B]`` bool: the clip's measured path length exceeds DYNAMIC_THRESHOLD px."""
-    return measured_motion(pixels)[1] > DYNAMIC_THRESHOLD
+    moving: torch.Tensor = measured_motion(pixels)[1] > DYNAMIC_THRESHOLD
+    return moving
 
 
 def judged_direction(pixels: torch.Tensor) -> torch.Tensor:
@@ -113,7 +114,8 @@ def judged_speed(pixels: torch.Tensor) -> torch.Tensor:
     disp, _ = measured_motion(pixels)
     frames = pixels.shape[2]
     slow, quick = (v * (frames - 1) for v in SPEED_PX)
-    return (disp.norm(dim=-1) > (slow + quick) / 2).long()
+    quick_: torch.Tensor = disp.norm(dim=-1) > (slow + quick) / 2
+    return quick_.long()
 
 
 def judged_digit(pixels: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -60,7 +60,8 @@ def video_networks(seed: int = 0) -> tuple[torch.nn.Module, VideoTextEncoder]:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return WanTransformer3DModel(**TINY_WAN_CONFIG), VideoTextEncoder(default_text_config())
+        transformer: torch.nn.Module = WanTransformer3DModel(**TINY_WAN_CONFIG)  # type: ignore[no-untyped-call, assignment]
+        return transformer, VideoTextEncoder(default_text_config())
 
 
 def video_policy(
@@ -79,14 +80,14 @@ def video_policy(
         transformer = transformer.to(dtype=dtype)
     text_encoder.requires_grad_(False).eval()
     policy = WanPolicy(
-        transformer, VideoPixelCodec(), text_encoder, height=CANVAS, width=CANVAS, num_frames=FRAMES,
-        guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-    )
+        transformer, VideoPixelCodec(), text_encoder,  # type: ignore[arg-type]
+        height=CANVAS, width=CANVAS, num_frames=FRAMES, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+    )  # (the adapter types its text argument as its own encoders; any prompts -> {prompt_embeds} callable works)
     return policy.to(device)
 
 
 def save_video_generator(
-    out_dir: str | Path, transformer: torch.nn.Module, text_encoder: VideoTextEncoder, pretraining: dict
+    out_dir: str | Path, transformer: torch.nn.Module, text_encoder: VideoTextEncoder, pretraining: dict[str, Any]
 ) -> list[Path]:
     """Write the four asset files (weights as safetensors, configs as JSON) to ``out_dir``; returns their paths."""
     from safetensors.torch import save_file
@@ -95,14 +96,15 @@ def save_video_generator(
     out.mkdir(parents=True, exist_ok=True)
     files = [out / WAN_WEIGHTS, out / WAN_CONFIG, out / TEXT_WEIGHTS, out / TEXT_CONFIG]
     save_file({k: v.detach().float().contiguous() for k, v in transformer.state_dict().items()}, files[0])
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(transformer.config).items()}
+    items = dict(transformer.config).items()  # type: ignore[arg-type]
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in items}
     files[1].write_text(json.dumps({"transformer": config, "pretraining": pretraining}, indent=1))
     save_file({k: v.detach().float().contiguous() for k, v in text_encoder.state_dict().items()}, files[2])
     files[3].write_text(json.dumps(text_encoder.config.to_dict(), indent=1))
     return files
 
 
-def _from_json(path: Path, build: Callable[[dict], T]) -> T:
+def _from_json(path: Path, build: Callable[[dict[str, Any]], T]) -> T:
     """``build(the JSON at path)``; a missing, unreadable or unfit file is a one-line error naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"video generator: missing {path} (create it with "
@@ -137,7 +139,7 @@ def load_video_networks(assets_dir: str | Path | None = None) -> tuple[torch.nn.
     from diffusers import WanTransformer3DModel
 
     root = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
-    transformer = _from_json(root / WAN_CONFIG, lambda d: WanTransformer3DModel.from_config(d["transformer"]))
+    transformer = _from_json(root / WAN_CONFIG, lambda d: WanTransformer3DModel.from_config(d["transformer"]))  # type: ignore[no-untyped-call]
     text_encoder = _from_json(root / TEXT_CONFIG, lambda d: VideoTextEncoder(VideoTextConfig.from_dict(d)))
     _load_weights(transformer, root / WAN_WEIGHTS)
     _load_weights(text_encoder, root / TEXT_WEIGHTS)

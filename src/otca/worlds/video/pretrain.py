@@ -17,6 +17,7 @@ import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,7 +63,7 @@ def pretrain(
     log: Callable[[str], None] = print,
     snapshot_every: int = 0,
     snapshot_dir: str | Path | None = None,
-) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
     """Train the tiny Wan + text encoder on moving train-split digits; returns ``(transformer, text_encoder,
     record)`` with the EMA weights loaded. Stops after ``steps`` optimizer steps or ``seconds`` of wall time,
     whichever comes first; bounded by ``steps`` alone it is deterministic for ``seed``. With ``snapshot_every``
@@ -88,7 +89,7 @@ def pretrain(
         v = policy.velocity(x_t, t, WanCond.build(text_encoder(prompts)))  # [B, 4, F, 8, 8]
         loss = torch.nn.functional.mse_loss(v, target)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
@@ -128,14 +129,14 @@ def _save_ema(out: Path, transformer: torch.nn.Module, text_encoder: torch.nn.Mo
             p.copy_(s)
 
 
-def pretrain_video_generator(out_dir: str | Path = ASSETS_DIR, **options) -> dict:
+def pretrain_video_generator(out_dir: str | Path = ASSETS_DIR, **options: Any) -> dict[str, Any]:
     """:func:`pretrain` with ``options``, then write the four asset files to ``out_dir``; returns the record."""
     transformer, text_encoder, record = pretrain(**options)
     save_video_generator(out_dir, transformer, text_encoder, record)  # type: ignore[arg-type]
     return record
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Pretrain the video generator (the defaults rebuild the shipped assets)."""
     parser = argparse.ArgumentParser(prog="python -m otca.worlds.video.pretrain", description=main.__doc__)
     parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="folder for the weights and configs")

@@ -80,7 +80,8 @@ def visual_quality(pixels: torch.Tensor) -> torch.Tensor:
 def _frame_probs(clips: torch.Tensor, assets_dir: Path) -> torch.Tensor:
     """The shipped digits classifier's distribution per frame ``[B, F, 10]``."""
     b, _, f = clips.shape[:3]
-    return load_classifier(assets_dir)(canonical_frames(clips)).softmax(dim=-1).reshape(b, f, -1)
+    logits: torch.Tensor = load_classifier(assets_dir)(canonical_frames(clips))  # [B*F, 10]
+    return logits.softmax(dim=-1).reshape(b, f, -1)
 
 
 def motion_quality(pixels: torch.Tensor, assets_dir: Path = ASSETS_DIR) -> torch.Tensor:
@@ -97,7 +98,8 @@ def motion_quality(pixels: torch.Tensor, assets_dir: Path = ASSETS_DIR) -> torch
     k = p.mean(dim=1).argmax(dim=-1)  # [B] the clip's digit
     identity = p.gather(2, k[:, None, None].expand(*p.shape[:2], 1)).squeeze(2).mean(dim=1)  # [B]
     presence = (clips.mean(dim=(1, 2, 3, 4)) / INK_BAND[0]).clamp(max=1.0)  # [B]
-    return torch.exp(-((rms / TRACK_SCALE) ** 2)) * torch.exp(-cv / INK_CV_SCALE) * identity * presence
+    out: torch.Tensor = torch.exp(-((rms / TRACK_SCALE) ** 2)) * torch.exp(-cv / INK_CV_SCALE) * identity * presence
+    return out
 
 
 def target_displacement(motions: Sequence[Motion], frames: int) -> torch.Tensor:

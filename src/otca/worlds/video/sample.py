@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from otca.flow.schedule import make_sigmas
 from otca.flow.sde import ode_step
 
+if TYPE_CHECKING:
+    from otca.models.wan import WanPolicy
+
 EVAL_STEPS = 16  # the config's eval_steps default
 EVAL_SHIFT = 3.0  # the config's flow.shift default
 
 
 @torch.no_grad()
-def sample_clips_ode(policy, prompts: Sequence[str], seed: int = 0, steps: int = EVAL_STEPS,
+def sample_clips_ode(policy: WanPolicy, prompts: Sequence[str], seed: int = 0, steps: int = EVAL_STEPS,
                      shift: float = EVAL_SHIFT) -> torch.Tensor:
     """Clips ``[B, 1, F, H, W]`` in [0, 1] for ``prompts``: Euler steps of the ODE from noise drawn per sample from
     ``seed + i`` along ``make_sigmas(steps, shift)`` (the eval sampler)."""
@@ -30,8 +34,10 @@ def sample_clips_ode(policy, prompts: Sequence[str], seed: int = 0, steps: int =
     sigmas = make_sigmas(steps, shift)
     for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         sig = s.expand(len(prompts))
-        x = ode_step(x, policy.velocity(x, sig, cond), sig, s_next.expand(len(prompts)))
-    return policy.decode(x)
+        v = policy.velocity(x, sig, cond)  # type: ignore[arg-type]  # encode returns the policy's WanCond
+        x = ode_step(x, v, sig, s_next.expand(len(prompts)))
+    clips: torch.Tensor = policy.decode(x)
+    return clips
 
 
 def base_report(assets_dir: str | None = None, guidance: float = 2.0, per_prompt: int = 2, seed: int = 0

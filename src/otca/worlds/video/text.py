@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,10 +44,10 @@ class VideoTextConfig:
     """Hidden size of the encoder layer's MLP."""
 
     @classmethod
-    def from_dict(cls, d: dict) -> VideoTextConfig:
+    def from_dict(cls, d: dict[str, Any]) -> VideoTextConfig:
         return cls(**{**d, "vocab": tuple(d["vocab"])})
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "vocab": list(self.vocab)}
 
 
