@@ -26,7 +26,7 @@ from otca.worlds.video.codec import VideoPixelCodec
 from otca.worlds.video.data import sample_clips
 from otca.worlds.video.policy import ASSETS_DIR, save_video_generator, video_networks, video_policy
 
-DEFAULT_STEPS = 1500
+DEFAULT_STEPS = 2000
 
 
 def flow_matching_batch(
