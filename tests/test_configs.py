@@ -19,7 +19,7 @@ from otca.models.registry import build_policy
 from otca.models.sd3 import SD3Options
 from otca.models.wan import WanOptions
 from otca.rewards.options import parse_reward_options
-from otca.rewards.registry import reward_names, reward_options
+from otca.rewards.registry import build_reward_set, reward_names, reward_options
 
 torch.set_num_threads(1)
 
@@ -128,7 +128,7 @@ def test_tiny_config_trains_end_to_end_through_the_cli(name, tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1] and summary["iterations"] == 2
     # every configured reward is scored, before and after, and the two evaluations differ (the weights moved)
-    want = {f"reward/{r.name}" for r in cfg.rewards}
+    want = {f"reward/{n}" for n in build_reward_set(cfg.rewards).names}  # a multi-objective reward: k columns
     assert set(summary["eval_before"]) == set(summary["eval_after"]) == want
     assert summary["eval_before"] != summary["eval_after"]
     assert all(isinstance(r[k], float) and r[k] == r[k] for r in rows for k in want)  # logged, not NaN

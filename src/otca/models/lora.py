@@ -17,8 +17,12 @@ def add_lora(module: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
 
     for p in module.parameters():
         p.requires_grad_(False)
+    # peft annotates lora_alpha as int but computes the scale alpha / r in floats: a fractional alpha is fine
     peft_cfg = PeftLoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules), init_lora_weights=True
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]
+        target_modules=list(cfg.target_modules),
+        init_lora_weights=True,
     )
     inject_adapter_in_model(peft_cfg, module)
     n = sum(p.numel() for name, p in module.named_parameters() if "lora_" in name and p.requires_grad)

@@ -17,7 +17,7 @@ def linear_chain(reward: str, path: Path, state: dict[str, torch.Tensor], prefix
     idx = sorted({int(k[len(prefix) :].split(".")[1]) for k in state if k.startswith(prefix + "layers.")})
     if not idx:
         raise ValueError(f"reward '{reward}': '{path}' has no '{prefix}layers.N.weight' entries")
-    layers = []
+    layers: list[torch.nn.Linear] = []
     for i in idx:
         w, b = state[f"{prefix}layers.{i}.weight"], state[f"{prefix}layers.{i}.bias"]
         if layers and w.shape[1] != layers[-1].out_features:

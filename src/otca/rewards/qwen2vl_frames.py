@@ -54,6 +54,8 @@ def smart_nframes(total: int, video_fps: float, fps: float | None, num_frames: i
     ``total / video_fps * fps`` clamped to [4, min(768, total)] and rounded to even; at most ``total``."""
     if num_frames is not None:
         n = round_by_factor(num_frames, _FRAME_FACTOR)
+    elif fps is None:
+        raise ValueError("smart_nframes: give num_frames or fps")
     else:
         lo = ceil_by_factor(_FPS_MIN_FRAMES, _FRAME_FACTOR)
         hi = floor_by_factor(min(_FPS_MAX_FRAMES, total), _FRAME_FACTOR)

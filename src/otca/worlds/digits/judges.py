@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn as nn
@@ -232,7 +233,10 @@ def train_judges(out_dir: str | Path, *, seed: int = 0, epochs: int = EPOCHS) ->
 # --- loading --------------------------------------------------------------------------------------------
 
 
-def _load(stem: str, cls: type[nn.Module], assets_dir: Path) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def _load(stem: str, cls: type[M], assets_dir: Path) -> M:
     """Build ``cls`` from ``{stem}.json`` and load ``{stem}.safetensors``; a bad file is a one-line error."""
     cfg_path, w_path = assets_dir / f"{stem}.json", assets_dir / f"{stem}.safetensors"
     for path in (cfg_path, w_path):
