@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -24,6 +24,9 @@ class BatchedCond:
     present all together or not at all (only when the policy runs classifier-free guidance). Index it along the
     batch (``cond[2:4]``, ``cond[idx_tensor]``; an int keeps the batch dimension) to cut micro-batches.
     """
+
+    # Set by @dataclass on each subclass; declared so that mypy sees a dataclass in ``dataclasses.fields``/``replace``.
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def __post_init__(self) -> None:
         name = type(self).__name__

@@ -45,6 +45,8 @@ class DiffusersPolicy(FlowPolicy):
     cond_type: type[BatchedCond]
     # The pipeline sub-folders of the text encoders and their tokenizers: (encoder, tokenizer, encoder_2, ...).
     text_parts: tuple[str, ...]
+    # The denoiser (set by the subclass): a diffusers model, typed Any as mypy reads its ``config`` as a plain dict.
+    transformer: Any
 
     @staticmethod
     def pipeline_classes() -> tuple[Any, Any, tuple[Any, ...]]:

@@ -150,7 +150,7 @@ class FluxPolicy(DiffusersPolicy):
 
     def __init__(
         self,
-        transformer: torch.nn.Module,
+        transformer: Any,
         text: TextFn,
         codec: LatentCodec,
         *,
@@ -248,6 +248,9 @@ class FluxTextEncoder(FrozenTextEncoders):
     """
 
     text_parts = FLUX_TEXT_PARTS  # CLIP-L, then T5
+    # The submodules of the encoder folders (FrozenTextEncoders).
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
 
     def _ids(self, tokenizer: Any, prompts: list[str], length: int, encoder: torch.nn.Module) -> torch.Tensor:
         """Token ids ``[B, length]``, padded and truncated to ``length``, on the encoder's device."""
@@ -271,7 +274,7 @@ class VaeCodec(torch.nn.Module):
     ``(z - shift_factor) * scaling_factor`` (FLUX.1: 0.1159 and 0.3611); pixels are ``[B, 3, H, W]`` in [0, 1].
     """
 
-    def __init__(self, vae: torch.nn.Module, height: int, width: int):
+    def __init__(self, vae: Any, height: int, width: int):
         super().__init__()
         factor = vae_scale_factor(vae)
         multiple = 2 * factor  # FluxPipeline: 8x VAE, then 2x2 packing

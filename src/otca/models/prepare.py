@@ -4,12 +4,14 @@ and LoRA (``model.gradient_checkpointing``, ``model.lora``), applied the same wa
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 
 if TYPE_CHECKING:
     from otca.config import ModelConfig
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
@@ -19,7 +21,7 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 
 
 
-def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def cast_module(module: M, dtype: torch.dtype) -> M:
     """``module`` in ``dtype``, calling ``.to`` only when the dtype differs: diffusers warns on every ``.to(dtype)``
     that its ``_keep_in_fp32_modules`` get cast too. Only tiny weights are cast here; real weights load in their
     dtype through ``from_pretrained``, which keeps those modules in fp32."""
@@ -40,7 +42,7 @@ def prepare_denoisers(denoisers: Iterable[torch.nn.Module], cfg: ModelConfig) ->
 
     for net in denoisers:
         if cfg.gradient_checkpointing:
-            net.enable_gradient_checkpointing()
+            cast(Any, net).enable_gradient_checkpointing()  # a diffusers ModelMixin's method
         if cfg.lora is not None:
             add_lora(net, cfg.lora)
             for p in net.parameters():

@@ -20,9 +20,8 @@ import torch
 from pydantic import Field
 
 from otca.models.build import BuildInputs, build_diffusers_policy
-from otca.models.conditioning import BatchedCond, FrozenTextEncoders
+from otca.models.conditioning import BatchedCond, FrozenTextEncoders, TextFn
 from otca.models.diffusers_policy import DiffusersPolicy
-from otca.models.embedding_cache import PromptEmbeddingCache
 from otca.models.guidance import guided_forward, sigma_to_timestep
 from otca.models.options import DiffusersOptions
 from otca.models.prepare import cast_module
@@ -65,6 +64,10 @@ class SD3TextEncoder(FrozenTextEncoders):
     """
 
     text_parts = SD3_TEXT_PARTS  # CLIP-L, CLIP-G, then T5
+    # The submodules of the encoder folders (FrozenTextEncoders).
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+    text_encoder_3: torch.nn.Module
 
     def _clip(self, tokenizer: Any, encoder: torch.nn.Module, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Penultimate hidden states ``[B, 77, H]`` (the pipeline's ``clip_skip=None``) and the projection
@@ -107,6 +110,7 @@ class SD3Policy(DiffusersPolicy):
     kind = "sd3"
     cond_type = SD3Cond
     text_parts = SD3_TEXT_PARTS
+    vae: Any  # a diffusers AutoencoderKL (Any: mypy reads its ``config`` as a plain dict)
 
     @staticmethod
     def pipeline_classes() -> tuple[Any, Any, tuple[Any, ...]]:
@@ -117,9 +121,9 @@ class SD3Policy(DiffusersPolicy):
 
     def __init__(
         self,
-        transformer: torch.nn.Module,
-        vae: torch.nn.Module,
-        text: SD3TextEncoder | PromptEmbeddingCache,
+        transformer: Any,
+        vae: Any,
+        text: TextFn,
         *,
         height: int,
         width: int,

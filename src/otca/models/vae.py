@@ -3,12 +3,16 @@ the patching accept, and a frozen VAE that decodes one sample at a time."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from otca.models.prepare import freeze
 
 
-def frozen_vae(vae: torch.nn.Module) -> torch.nn.Module:
+# The VAEs are diffusers autoencoders, typed Any: mypy reads their ``config`` as a plain dict, whose fields are
+# attributes at run time.
+def frozen_vae(vae: Any) -> torch.nn.Module:
     """:func:`freeze` plus one-sample-at-a-time decoding (diffusers' ``enable_slicing``): a batch of 1024 px
     images or 81-frame videos would otherwise hold every sample's decoder activations at once."""
     vae.enable_slicing()
@@ -30,13 +34,13 @@ def check_pixel_size(height: int, width: int, multiple_h: int, multiple_w: int) 
         )
 
 
-def vae_scale_factor(vae: torch.nn.Module) -> int:
+def vae_scale_factor(vae: Any) -> int:
     """Spatial downsampling of an ``AutoencoderKL``: 2 per down block after the first (the pipelines'
     ``vae_scale_factor``, 8 for the SD3 and FLUX.1 VAEs)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def decode_scaled_latents(vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def decode_scaled_latents(vae: Any, x: torch.Tensor) -> torch.Tensor:
     """Pixels in [0, 1] ``[B, 3, H, W]`` (fp32) from scaled latents ``x [B, C, h, w]`` of an ``AutoencoderKL``:
     ``z = x / scaling_factor + shift_factor`` then the decoder (pipeline_stable_diffusion_3.py and
     pipeline_flux.py, end of ``__call__``). A VAE without a shift_factor (None) has none to undo."""
@@ -45,7 +49,7 @@ def decode_scaled_latents(vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
     return vae_to_unit(vae.decode(z, return_dict=False)[0])  # [B, 3, H, W]
 
 
-def encode_scaled_latents(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+def encode_scaled_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     """Scaled latents ``[B, C, h, w]`` (fp32) of pixels in [0, 1] ``[B, 3, H, W]``: the posterior mean, then
     ``(z - shift_factor) * scaling_factor`` (the img2img pipelines' ``_encode_vae_image`` with the mode of the
     latent distribution: deterministic, the inverse convention of :func:`decode_scaled_latents`)."""

@@ -24,15 +24,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from pydantic import Field
 
 from otca.models.build import BuildInputs, build_diffusers_policy
-from otca.models.conditioning import BatchedCond, FrozenTextEncoders
+from otca.models.conditioning import BatchedCond, FrozenTextEncoders, TextFn
 from otca.models.diffusers_policy import DiffusersPolicy
-from otca.models.embedding_cache import PromptEmbeddingCache
 from otca.models.guidance import TIMESTEP_SCALE, guided_forward, sigma_to_timestep
 from otca.models.options import DiffusersOptions
 from otca.models.prepare import cast_module
@@ -69,6 +68,7 @@ class WanTextEncoder(FrozenTextEncoders):
     """The frozen UMT5 encoder: ``prompts -> {"prompt_embeds": [B, L, D]}``, zeros past each prompt's tokens."""
 
     text_parts = WAN_TEXT_PARTS
+    text_encoder: torch.nn.Module  # the submodule of the ``text_encoder`` folder (FrozenTextEncoders)
 
     def forward(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         tok = self.tokenizers[0](
@@ -92,6 +92,7 @@ class WanPolicy(DiffusersPolicy):
     kind = "wan"
     cond_type = WanCond
     text_parts = WAN_TEXT_PARTS
+    vae: Any  # a diffusers AutoencoderKLWan (Any: mypy reads its ``config`` as a plain dict)
 
     @staticmethod
     def pipeline_classes() -> tuple[Any, Any, tuple[Any, ...]]:
@@ -112,9 +113,9 @@ class WanPolicy(DiffusersPolicy):
 
     def __init__(
         self,
-        transformer: torch.nn.Module,
-        vae: torch.nn.Module,
-        text: WanTextEncoder | PromptEmbeddingCache,
+        transformer: Any,
+        vae: Any,
+        text: TextFn,
         *,
         height: int,
         width: int,
@@ -169,7 +170,7 @@ class WanPolicy(DiffusersPolicy):
     ) -> torch.Tensor:
         """Guided velocity ``[n, C, f, h, w]`` fp32 of one expert."""
         call = functools.partial(self._net, net)
-        return guided_forward(call, x.to(net.dtype), t, cond.positive(), cond.negative(), scale)
+        return guided_forward(call, x.to(cast(torch.dtype, net.dtype)), t, cond.positive(), cond.negative(), scale)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: WanCond) -> torch.Tensor:
         """Flow velocity ``[B, C, f, h, w]`` (x's dtype) at ``x [B, C, f, h, w]`` and ``sigma [B]``, CFG inside."""
@@ -179,7 +180,7 @@ class WanPolicy(DiffusersPolicy):
         if self.transformer_2 is None:
             return self._expert_velocity(self.transformer, self.guidance_scale, x, t, cond).to(x.dtype)
         # Expert routing of pipeline_wan.py: high noise (t >= boundary_ratio * 1000) -> transformer.
-        high = t >= self.boundary_ratio * TIMESTEP_SCALE  # [B]
+        high = t >= cast(float, self.boundary_ratio) * TIMESTEP_SCALE  # [B] (set with transformer_2)
         v = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [B, C, f, h, w]
         routes = ((self.transformer, self.guidance_scale, high), (self.transformer_2, self.guidance_scale_2, ~high))
         for net, scale, sel in routes:

@@ -13,6 +13,8 @@ pooling after ``ln_post``, text pooled at the EOT token (the largest id, which o
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pydantic import Field
 
@@ -125,7 +127,7 @@ def openclip_config(reward: str, state: dict[str, torch.Tensor], vision_heads: i
     patch = state["visual.conv1.weight"].shape[-1]
     grid = square_side(reward, state["visual.positional_embedding"].shape[0] - 1, "visual.positional_embedding")
     vocab, text_width = state["token_embedding.weight"].shape
-    vision = dict(
+    vision: dict[str, Any] = dict(
         hidden_size=state["visual.class_embedding"].shape[0],
         intermediate_size=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
         num_hidden_layers=_count_blocks(state, "visual.transformer.resblocks."),
@@ -134,7 +136,7 @@ def openclip_config(reward: str, state: dict[str, torch.Tensor], vision_heads: i
         patch_size=patch,
         hidden_act="gelu",  # ViT-H-14 is not a QuickGELU model
     )
-    text = dict(
+    text: dict[str, Any] = dict(
         vocab_size=vocab,
         hidden_size=text_width,
         intermediate_size=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],

@@ -107,7 +107,7 @@ class CropPrep:
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] -> ``[B, 3, *crop]`` normalized."""
-        size = shortest_edge_size(*pixels.shape[-2:], self.shortest_edge)
+        size = shortest_edge_size(pixels.shape[-2], pixels.shape[-1], self.shortest_edge)
         x = _resize(pixels, size, self.mode).clamp(0, 1)  # PIL saturates to uint8: bicubic overshoot is cut
         return normalize(center_crop(x, self.crop, self.rounding), self.mean, self.std)
 
@@ -147,7 +147,7 @@ def _size_field(reward: str, path: Path, cfg: dict, field: str, keys: Sequence[s
     raise ValueError(f"reward '{reward}': '{path}' field '{field}'={v!r}, expected an int or a dict with {list(keys)}")
 
 
-def crop_prep_from_processor(reward: str, directory: Path, option: str) -> CropPrep:
+def crop_prep_from_processor(reward: str, directory: str | Path | None, option: str) -> CropPrep:
     """A :class:`CropPrep` from a transformers ``preprocessor_config.json`` (CLIP image processor format).
 
     Only the CLIP pipeline (resize shortest edge, center crop, rescale 1/255, normalize) is supported; any

@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -51,8 +52,9 @@ def read_spec(reward: str, path: Path) -> VideoAlignSpec:
         r, alpha = lora.get("lora_r", 16), lora.get("lora_alpha", 32)  # VideoAlign PEFTLoraConfig defaults
         scale = alpha / math.sqrt(r) if lora.get("use_rslora") else alpha / r
     inf = cfg.get("inference_config")
-    mean = tuple(float(inf[f"{d}_mean"]) for d in DIMS) if inf else None
-    std = tuple(float(inf[f"{d}_std"]) for d in DIMS) if inf else None
+    # One value per entry of DIMS (three).
+    mean = cast("tuple[float, float, float]", tuple(float(inf[f"{d}_mean"]) for d in DIMS)) if inf else None
+    std = cast("tuple[float, float, float]", tuple(float(inf[f"{d}_std"]) for d in DIMS)) if inf else None
     return VideoAlignSpec(
         fps=None if data.get("num_frames") is not None else float(data.get("fps", 2.0)),
         num_frames=data.get("num_frames"),

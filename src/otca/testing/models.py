@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import string
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 
 def byte_alphabet() -> list[str]:
@@ -39,7 +42,7 @@ def tiny_clip_tokenizer(max_length: int = 77):
 
 def tiny_autoencoder_kl(
     block_out_channels: Sequence[int], *, sample_size: int, scaling_factor: float, shift_factor: float
-) -> torch.nn.Module:
+) -> AutoencoderKL:
     """A random ``AutoencoderKL`` of the SD3 / FLUX.1 VAE layout at small width: RGB in and out, 16 latent
     channels, one down and one up block of one layer per entry of ``block_out_channels`` (2x downsampling after
     each but the last), no quant convs, the family's ``scaling_factor`` and ``shift_factor``; the global RNG

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from pydantic import Field
@@ -39,7 +39,7 @@ DEFAULT_TRUE_CFG = 1.0
 
 # FluxTransformer2DModel at ~300k parameters: 16 image tokens of 16 channels (2x2-packed [4, 8, 8] latents),
 # 2 heads of 32 dims; the rope axes (8 + 12 + 12) must add up to the head dim.
-TINY_FLUX_CONFIG = dict(
+TINY_FLUX_CONFIG: dict[str, Any] = dict(
     patch_size=1,
     in_channels=16,
     num_layers=1,
@@ -68,7 +68,8 @@ def digits_networks(seed: int = 0) -> tuple[torch.nn.Module, DigitsTextEncoder]:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return FluxTransformer2DModel(**TINY_FLUX_CONFIG), DigitsTextEncoder(default_text_config())
+        transformer = cast(torch.nn.Module, FluxTransformer2DModel(**TINY_FLUX_CONFIG))  # a diffusers ModelMixin
+        return transformer, DigitsTextEncoder(default_text_config())
 
 
 def digits_policy(
@@ -99,7 +100,9 @@ def build_digits_policy(
     dtype: torch.dtype = torch.float32,
 ) -> FluxPolicy:
     """The digits policy with freshly initialised weights (tests); ``random_init=False`` loads the shipped ones."""
-    options = dict(true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt, device=device, dtype=dtype)
+    options: dict[str, Any] = dict(
+        true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt, device=device, dtype=dtype
+    )
     if not random_init:
         return load_digits_policy(**options)
     return digits_policy(*digits_networks(seed), **options)
@@ -115,7 +118,8 @@ def save_digits_generator(
     out.mkdir(parents=True, exist_ok=True)
     files = [out / FLUX_WEIGHTS, out / FLUX_CONFIG, out / TEXT_WEIGHTS, out / TEXT_CONFIG]
     save_file({k: v.detach().float().contiguous() for k, v in transformer.state_dict().items()}, files[0])
-    files[1].write_text(json.dumps({"transformer": dict(transformer.config), "pretraining": pretraining}, indent=1))
+    config = dict(cast(Any, transformer).config)  # a diffusers model: its config is a dict
+    files[1].write_text(json.dumps({"transformer": config, "pretraining": pretraining}, indent=1))
     save_file({k: v.detach().float().contiguous() for k, v in text_encoder.state_dict().items()}, files[2])
     files[3].write_text(json.dumps(text_encoder.config.to_dict(), indent=1))
     return files
