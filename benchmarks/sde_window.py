@@ -1,8 +1,7 @@
 """Seconds per iteration with and without an SDE window (MixGRPO / Flow-GRPO-Fast) on the embedded default.
 
-The window is wired into the trainer here by wrapping two of its phases, which is also the hook the trainer
-needs: the rollout gets ``sde_steps`` (ODE outside the window) and the credit phase's mask is intersected with
-the window (only its steps are trained).
+The window is the config's ``sampler.sde_window`` (SDE steps inside it, ODE outside, only its steps trained);
+both trainers are built from the same config and overrides, the second with the window on.
 
     OMP_NUM_THREADS=1 python benchmarks/sde_window.py [--size 4] [--mode sliding] [--iters 3] [key=value ...]
 """
@@ -13,52 +12,7 @@ import argparse
 import statistics
 import time
 
-import torch
-
 from _bench import build_trainer, header, train_iteration
-from otca.flow import WindowSpec, sde_window, window_train_mask
-from otca.rollout import seeded_generator
-
-STREAM_WINDOW = 4  # a random stream of its own (rollout.py numbers 0-3)
-
-
-def add_window(trainer, size: int, mode: str) -> None:
-    """Wrap ``trainer.rollout`` and ``trainer.assign_credit`` with the window of each iteration."""
-    T = trainer.cfg.sampler.num_steps
-    spec = WindowSpec(num_steps=T, size=size)
-    windows: dict[int, torch.Tensor] = {}
-
-    def window(it: int) -> torch.Tensor:
-        if it not in windows:
-            windows[it] = sde_window(spec, mode, it, seeded_generator(trainer.cfg.seed, it, STREAM_WINDOW, 0))
-        return windows[it]
-
-    from otca import rollout as rollout_module
-
-    sample_sde = rollout_module.sample_sde
-    rollout, assign_credit = trainer.rollout, trainer.assign_credit
-
-    def windowed_rollout(batch, it):
-        rollout_module.sample_sde = lambda *a, **k: sample_sde(*a, **k, sde_steps=window(it))
-        try:
-            import otca.trainer as trainer_module
-
-            trainer_module.sample_sde = rollout_module.sample_sde
-            return rollout(batch, it)
-        finally:
-            rollout_module.sample_sde = trainer_module.sample_sde = sample_sde
-
-    def windowed_credit(traj, rewards, batch, it):
-        import otca.trainer as trainer_module
-
-        select = trainer_module.select_train_steps
-        trainer_module.select_train_steps = lambda n, T, **k: window_train_mask(window(it), select(n, T, **k))
-        try:
-            return assign_credit(traj, rewards, batch, it)
-        finally:
-            trainer_module.select_train_steps = select
-
-    trainer.rollout, trainer.assign_credit = windowed_rollout, windowed_credit
 
 
 def seconds_per_iteration(trainer, iters: int) -> tuple[float, dict[str, float]]:
@@ -90,8 +44,8 @@ def main() -> None:
     full = build_trainer(args.config, args.overrides)
     print(header(full))
     t_full, p_full = seconds_per_iteration(full, args.iters)
-    windowed = build_trainer(args.config, args.overrides)
-    add_window(windowed, args.size, args.mode)
+    window = [f"sampler.sde_window.size={args.size}", f"sampler.sde_window.mode={args.mode}"]
+    windowed = build_trainer(args.config, [*args.overrides, *window])
     t_win, p_win = seconds_per_iteration(windowed, args.iters)
     for name, t, p in (("full SDE", t_full, p_full), (f"window {args.size} ({args.mode})", t_win, p_win)):
         print(f"{name:22s} {t:7.2f} s/iter  " + "  ".join(f"{k} {v:.2f}" for k, v in p.items()))

@@ -17,6 +17,7 @@ from otca.compare import (
     compare,
     format_markdown,
     mean_std,
+    parse_variants,
     plan_runs,
     run_config,
     table_values,
@@ -160,3 +161,47 @@ def test_runs_trained_by_worker_processes_equal_the_ones_trained_in_this_process
     compare(None, EXTRA, schemes=["otca"], seeds=SEEDS, quick=True, out_dir=out, jobs=2, log=lambda line: None)
     after = [json.loads((r / "summary.json").read_text()) for r in runs]
     assert [a["eval_after"] for a in after] == [b["eval_after"] for b in before]
+
+
+def test_variants_parse_and_plan_one_row_per_scheme_and_variant():
+    text = "window=sampler.sde_window.size=4 sampler.sde_window.mode=random; guard=train.ratio_guard=ratio-norm;"
+    variants = parse_variants(text)
+    assert variants == {"window": ("sampler.sde_window.size=4", "sampler.sde_window.mode=random"),
+                        "guard": ("train.ratio_guard=ratio-norm",)}
+    specs = plan_runs(["grpo", "otca"], [0, 1], Path("x"), variants)
+    assert [(s.name, s.seed) for s in specs] == [
+        (name, seed) for scheme in ("grpo", "otca") for name in (scheme, f"{scheme}+window", f"{scheme}+guard")
+        for seed in (0, 1)
+    ]
+    assert specs[2].run_dir == Path("x/grpo+window/seed-0") and specs[2].overrides == variants["window"]
+    cfg = run_config(None, ["train.lr=1e-5"], specs[2])
+    assert (cfg.sampler.sde_window.size, cfg.sampler.sde_window.mode, cfg.train.lr) == (4, "random", 1e-5)
+    for bad in ["window", "window=", "=train.lr=1", "window=train.lr", "a/b=train.lr=1", "w=train.lr=1;w=seed=2"]:
+        with pytest.raises(ValueError, match="compare variant"):
+            parse_variants(bad)
+    with pytest.raises(ValueError, match="compare override 'seed': set by compare itself"):
+        run_config(None, [], RunSpec("grpo", 0, Path("x"), "v", ("seed=3",)))
+
+
+def test_cli_variants_add_named_rows_with_the_same_seeds(tmp_path, capsys):
+    from otca.cli import main
+
+    out = tmp_path / "cmp"
+    variants = "window=sampler.sde_window.size=2;guard=train.ratio_guard=ratio-norm"
+    argv = ["compare", "--quick", "--schemes", "otca", "--seeds", "0", "--variants", variants, "--jobs", "1",
+            "--out", str(out), "train.iterations=1", "eval.metrics=null", "eval.samples_per_prompt=1"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for row in ("base", "otca", "otca+window", "otca+guard"):
+        assert f"| {row} | 1 |" in printed
+    meta = json.loads((out / "compare.json").read_text())
+    assert meta["variants"] == {"window": ["sampler.sde_window.size=2"], "guard": ["train.ratio_guard=ratio-norm"]}
+    rows = ("otca", "otca+window", "otca+guard")
+    cfg = {r: yaml.safe_load((out / r / "seed-0" / "config.yaml").read_text()) for r in rows}
+    assert cfg["otca"]["sampler"]["sde_window"] is None and cfg["otca+window"]["sampler"]["sde_window"]["size"] == 2
+    assert (cfg["otca"]["train"]["ratio_guard"], cfg["otca+guard"]["train"]["ratio_guard"]) == ("none", "ratio-norm")
+    assert cfg["otca"]["seed"] == cfg["otca+window"]["seed"] == cfg["otca+guard"]["seed"] == 0
+    # the guard changes only the update: its first rollout is the plain run's, prompt for prompt
+    first = {r: RunLog(out / r / "seed-0").rows()[0] for r in cfg}
+    assert first["otca+guard"]["reward/digit-alignment"] == first["otca"]["reward/digit-alignment"]
+    assert [r["scheme"] for r in csv.DictReader(open(out / "runs.csv"))] == ["otca", "otca+window", "otca+guard"]

@@ -4,9 +4,19 @@ import pytest
 import yaml
 
 from otca.cli import main
-from otca.config import ConfigError, RunConfig, default_config_yaml, dump_config, load_config, render_config
+from otca.config import (
+    ConfigError,
+    RunConfig,
+    SdeWindowConfig,
+    default_config_yaml,
+    dump_config,
+    load_config,
+    render_config,
+)
 from otca.credit.schemes import SCHEMES
+from otca.flow.loss import RATIO_GUARDS
 from otca.flow.sde import TRANSITIONS
+from otca.flow.window import WINDOWS
 from otca.models.registry import POLICIES
 from otca.rewards.registry import REWARDS
 
@@ -111,6 +121,8 @@ def test_otca_config_prints_the_defaults_or_the_resolved_config(capsys):
     [
         ("train.scheme=otcaa", "train.scheme", "credit scheme", SCHEMES),
         ("sampler.sde=flow_sde", "sampler.sde", "transition", TRANSITIONS),
+        ("sampler.sde_window.mode=slide", "sampler.sde_window.mode", "sde window mode", WINDOWS),
+        ("train.ratio_guard=guard", "train.ratio_guard", "ratio guard", RATIO_GUARDS),
         ("model.kind=flux1", "model.kind", "model kind", POLICIES),
         ("rewards=[{name: jpeg-compressibility}, {name: digit-aligment}]", "rewards.1.name", "reward", REWARDS),
     ],
@@ -130,3 +142,47 @@ def test_an_unknown_name_in_a_file_names_the_file(tmp_path):
     f.write_text("rewards:\n- name: digit-alignment\n- name: hpsv3\n")
     with pytest.raises(ConfigError, match=f"^{f}: config field 'rewards.1.name': unknown reward 'hpsv3'"):
         load_config(f)
+
+
+def test_the_sde_window_section_is_off_by_default_and_turned_on_by_one_of_its_fields(tmp_path):
+    assert load_config().sampler.sde_window is None
+    assert all(f.description for f in SdeWindowConfig.model_fields.values())
+    # from the generated YAML, where the section is null
+    cfg = load_config(ROOT / "configs" / "digits.yaml", ["sampler.sde_window.size=3", "sampler.sde_window.mode=random"])
+    w = cfg.sampler.sde_window
+    assert (w.size, w.mode, w.lo, w.hi, w.shift, w.iters_per_shift) == (3, "random", 0, None, 1, 1)
+    assert load_config(None, ["train.ratio_guard=ratio-norm"]).train.ratio_guard == "ratio-norm"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sampler.sde=cps", "train.drop_last_step=false"],
+         "config: config field 'train.drop_last_step': false trains the last step, which sampler.sde 'cps' at eta "
+         "0.7 makes deterministic (no log-density): set it to true"),
+        (["sampler.sde=cps", "sampler.eta=1.5"],
+         "config: config field 'sampler.eta': eta: CPS expects a noise level in [0, 1] (std = sigma_next "
+         "sin(eta pi/2)), got 1.5"),
+        (["sampler.num_steps=6", "sampler.sde_window.size=6"],
+         "config: config field 'sampler.sde_window': sde window size: expected at most hi - lo = 5, got 6"),
+        (["sampler.num_steps=6", "sampler.sde_window.hi=7"],
+         "config: config field 'sampler.sde_window': sde window lo/hi: expected 0 <= lo < hi <= num_steps=6, "
+         "got lo=0, hi=7"),
+        (["sampler.sde=cps", "train.drop_last_step=false", "sampler.num_steps=6", "sampler.sde_window.hi=6"],
+         "config: config field 'train.drop_last_step': false trains the last step, which sampler.sde 'cps' at eta "
+         "0.7 makes deterministic (no log-density): set it to true"),
+    ],
+)
+def test_sampler_settings_that_do_not_fit_together_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert str(e.value) == message
+
+
+def test_cps_trains_without_its_last_step():
+    assert load_config(None, ["sampler.sde=cps"]).sampler.sde == "cps"  # drop_last_step is on by default
+    # a window that ends before the last step never trains it, whatever drop_last_step says
+    cfg = load_config(None, ["sampler.sde=cps", "train.drop_last_step=false", "sampler.sde_window.size=4"])
+    assert cfg.sampler.sde_window.size == 4
+    # the SDE transitions have a density on the last step
+    assert not load_config(None, ["sampler.sde=flow-sde", "train.drop_last_step=false"]).train.drop_last_step

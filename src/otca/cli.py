@@ -7,6 +7,7 @@
     otca sample RUN_DIR --prompt "a handwritten seven"
     otca export RUN_DIR [--format lora|merged|full] [--ema] [--out DIR]   # weights diffusers loads
     otca compare [--schemes grpo,otca] [--seeds 0,1] [--quick] [key=value ...]     # schemes x seeds, one table
+    otca compare --variants "window=sampler.sde_window.size=4;guard=train.ratio_guard=ratio-norm"  # + named rows
     otca analyze-credit [--run RUN_DIR | --config FILE] [key=value ...]            # is dS a proxy? (paper 6.1)
     otca config [--config FILE] [key=value ...]  # the resolved config as YAML, every field's docstring above it
     torchrun --nproc_per_node 2 -m otca train    # the same on several processes
@@ -58,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         "--schemes", default=None, help="comma-separated schemes (default: grpo,flow-grpo,tcd,moca,otca,pcpo)"
     )
     c.add_argument("--seeds", default=None, help="comma-separated run seeds (default: 0,1)")
+    c.add_argument(
+        "--variants", default=None,
+        help="extra rows <scheme>+NAME with their own overrides, same seeds: 'NAME=key=value [key=value ...];NAME=...' "
+        "(e.g. 'window=sampler.sde_window.size=4;cps=sampler.sde=cps')",
+    )
     c.add_argument("--quick", action="store_true", help="CI-sized runs (a few iterations, small batch, few steps)")
     c.add_argument("--out", default="runs/compare", help="comparison directory (runs go to OUT/<scheme>/seed-<s>)")
     c.add_argument(
@@ -169,10 +175,11 @@ def _csv(text: str | None, cast=str) -> list | None:
 
 
 def cmd_compare(args) -> int:
-    from otca.compare import DEFAULT_SCHEMES, DEFAULT_SEEDS, compare
+    from otca.compare import DEFAULT_SCHEMES, DEFAULT_SEEDS, compare, parse_variants
 
     schemes, seeds = _csv(args.schemes) or DEFAULT_SCHEMES, _csv(args.seeds, int) or DEFAULT_SEEDS
-    compare(args.config, args.overrides, schemes=schemes, seeds=seeds,
+    variants = parse_variants(args.variants) if args.variants else None
+    compare(args.config, args.overrides, schemes=schemes, seeds=seeds, variants=variants,
             out_dir=args.out, quick=args.quick, jobs=args.jobs, threads=args.threads, smooth=args.smooth)
     print((Path(args.out) / "table.md").read_text())
     print(f"comparison directory: {args.out}")

@@ -3,7 +3,9 @@
 Every run is the same config (iterations, prompts, group size G, sampler steps, eval) with only
 ``train.scheme`` and ``seed`` changed, so the schemes see the same prompts and initial noise at every
 iteration of a seed. Runs go to ``OUT/<scheme>/seed-<s>/`` (full run directories); a finished run whose
-config matches is reused, so an interrupted comparison picks up where it stopped. The outputs:
+config matches is reused, so an interrupted comparison picks up where it stopped. Named *variants* (a few
+overrides each, e.g. a sampler or a ratio guard) add a row ``<scheme>+<variant>`` per scheme, with the same
+seeds, prompts and iterations, in ``OUT/<scheme>+<variant>/seed-<s>/``. The outputs:
 
 - ``table.md`` / ``table.csv``: one row per scheme (plus the base model), one column per training reward and
   eval-only metric after training, mean ± sample std over seeds (Table 1 of the paper), and wall seconds;
@@ -20,10 +22,11 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -54,17 +57,49 @@ BASE = "base"  # the table row of the untrained policy (eval before training)
 _SET_BY_COMPARE = ("train.scheme", "seed", "out_dir", "progress")
 
 
+_VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of a comparison: ``scheme`` with ``seed``, in ``run_dir``."""
+    """One run of a comparison: ``scheme`` with ``seed``, in ``run_dir``; a named ``variant`` adds its
+    ``overrides`` after the shared ones."""
 
     scheme: str
     seed: int
     run_dir: Path
+    variant: str | None = None
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The run's row in the table: the scheme, or ``<scheme>+<variant>``."""
+        return self.scheme if self.variant is None else f"{self.scheme}+{self.variant}"
 
 
-def plan_runs(schemes: Sequence[str], seeds: Sequence[int], out_dir: Path) -> list[RunSpec]:
-    """Every (scheme, seed) pair, scheme-major; unknown or repeated schemes / seeds are errors."""
+def parse_variants(text: str) -> dict[str, tuple[str, ...]]:
+    """``"NAME=key=value [key=value ...];NAME=..."`` -> ``{NAME: (key=value, ...)}`` (``otca compare --variants``):
+    variants are separated by ``;``, a variant's overrides by spaces."""
+    out: dict[str, tuple[str, ...]] = {}
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        name, _, rest = part.partition("=")
+        name, overrides = name.strip(), tuple(rest.split())
+        if not _VARIANT_NAME.fullmatch(name) or not overrides or not all("=" in o for o in overrides):
+            raise ValueError(f"compare variant {part!r}: expected NAME=key=value [key=value ...], "
+                             "e.g. window=sampler.sde_window.size=4")
+        if name in out:
+            raise ValueError(f"compare variants: {name!r} is named twice")
+        out[name] = overrides
+    return out
+
+
+def plan_runs(
+    schemes: Sequence[str], seeds: Sequence[int], out_dir: Path, variants: Mapping[str, Sequence[str]] | None = None
+) -> list[RunSpec]:
+    """Every (scheme, seed) pair, scheme-major, each scheme followed by its variants (``{name: overrides}``);
+    unknown or repeated schemes / seeds, and badly named variants, are errors."""
     from otca.credit import get_scheme
 
     for name in schemes:
@@ -72,18 +107,29 @@ def plan_runs(schemes: Sequence[str], seeds: Sequence[int], out_dir: Path) -> li
     for what, items in (("schemes", list(schemes)), ("seeds", list(seeds))):
         if not items or len(set(items)) != len(items):
             raise ValueError(f"compare {what}: expected a non-empty list without repeats, got {items}")
-    return [RunSpec(s, int(seed), Path(out_dir) / s / f"seed-{seed}") for s in schemes for seed in seeds]
+    rows: list[tuple[str | None, tuple[str, ...]]] = [(None, ())]
+    for name, overrides in (variants or {}).items():
+        if not _VARIANT_NAME.fullmatch(name) or not overrides:
+            raise ValueError(f"compare variant {name!r}: expected a name of letters, digits, '_.-' and overrides")
+        rows.append((name, tuple(overrides)))
+    specs = []
+    for scheme in schemes:
+        for variant, extra in rows:
+            row = Path(out_dir) / RunSpec(scheme, 0, Path(), variant).name
+            specs += [RunSpec(scheme, int(seed), row / f"seed-{seed}", variant, extra) for seed in seeds]
+    return specs
 
 
 def run_config(config: str | None, overrides: Sequence[str], spec: RunSpec):
-    """The run's ``RunConfig``: the shared config and overrides, then this run's scheme, seed and directory."""
+    """The run's ``RunConfig``: the shared config and overrides, the variant's overrides, then this run's scheme,
+    seed and directory."""
     from otca.config import load_config
 
-    for item in overrides:
+    for item in [*overrides, *spec.overrides]:
         key = item.split("=", 1)[0].strip()
         if key in _SET_BY_COMPARE:
             raise ValueError(f"compare override '{key}': set by compare itself (use --schemes, --seeds, --out)")
-    return load_config(config, [*overrides, f"train.scheme={spec.scheme}", f"seed={spec.seed}",
+    return load_config(config, [*overrides, *spec.overrides, f"train.scheme={spec.scheme}", f"seed={spec.seed}",
                                 f"out_dir={spec.run_dir}", "progress=false"])
 
 
@@ -120,15 +166,15 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def table_values(summaries: dict[RunSpec, dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
-    """``{row: {metric: [one value per seed]}}``: the base row (eval before training, from the first scheme's
-    runs), then one row per scheme (eval after training, and ``wall_seconds``)."""
+    """``{row: {metric: [one value per seed]}}``: the base row (eval before training, from the first row's
+    runs), then one row per scheme or variant (eval after training, and ``wall_seconds``)."""
     rows: dict[str, dict[str, list[float]]] = {}
-    first = next(iter(summaries)).scheme
+    first = next(iter(summaries)).name
     for spec, s in summaries.items():
-        if spec.scheme == first:
+        if spec.name == first:
             for k, v in s["eval_before"].items():
                 rows.setdefault(BASE, {}).setdefault(k, []).append(v)
-        row = rows.setdefault(spec.scheme, {})
+        row = rows.setdefault(spec.name, {})
         for k, v in {**s["eval_after"], "wall_seconds": s["wall_seconds"]}.items():
             row.setdefault(k, []).append(v)
     return rows
@@ -175,7 +221,7 @@ def write_runs_csv(summaries: dict[RunSpec, dict[str, Any]], path: Path) -> None
         w = csv.writer(f)
         w.writerow(["scheme", "seed", *cols])
         for spec, row in rows.items():
-            w.writerow([spec.scheme, spec.seed, *[row.get(c, "") for c in cols]])
+            w.writerow([spec.name, spec.seed, *[row.get(c, "") for c in cols]])
 
 
 # ------------------------------------------------------------------ the curves
@@ -204,11 +250,11 @@ def curve_arrays(specs: Sequence[RunSpec], key: str) -> tuple[torch.Tensor, torc
 def reward_curves(
     specs: Sequence[RunSpec], reward_names: Sequence[str], smooth: int
 ) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """``{scheme: {reward name: (trailing mean over smooth iterations [seeds, n], wall seconds [seeds, n])}}``:
-    what :func:`otca.plots.plot_reward_curves` draws."""
+    """``{row: {reward name: (trailing mean over smooth iterations [seeds, n], wall seconds [seeds, n])}}`` for
+    every scheme or variant: what :func:`otca.plots.plot_reward_curves` draws."""
     by_scheme: dict[str, list[RunSpec]] = {}
     for s in specs:
-        by_scheme.setdefault(s.scheme, []).append(s)
+        by_scheme.setdefault(s.name, []).append(s)
     curves: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     for scheme, runs in by_scheme.items():
         for name in reward_names:
@@ -270,6 +316,7 @@ def compare(
     *,
     schemes: Sequence[str] = DEFAULT_SCHEMES,
     seeds: Sequence[int] = DEFAULT_SEEDS,
+    variants: Mapping[str, Sequence[str]] | None = None,
     out_dir: str | Path = "runs/compare",
     quick: bool = False,
     jobs: int | None = None,
@@ -277,7 +324,8 @@ def compare(
     smooth: int = 5,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, list[float]]]:
-    """Train every scheme with every seed on one config and write the table, CSVs, curves and compare.json.
+    """Train every scheme (and each of its ``variants``, ``{name: overrides}``) with every seed on one config
+    and write the table, CSVs, curves and compare.json.
 
     ``quick`` puts :data:`QUICK_OVERRIDES` before ``overrides``. ``jobs`` runs that many trainings side by
     side (separate processes, ``threads`` torch threads each); None = one per CPU core: these small networks
@@ -290,7 +338,7 @@ def compare(
     out = Path(out_dir)
     seeds = tuple(seeds)
     overrides = [*(QUICK_OVERRIDES if quick else ()), *overrides]
-    specs = plan_runs(schemes, seeds, out)
+    specs = plan_runs(schemes, seeds, out, variants)
     configs = [run_config(config, overrides, s) for s in specs]  # every config error before any training
     out.mkdir(parents=True, exist_ok=True)
     t0, done, where = time.time(), [], provenance()  # the code as it was when the runs started
@@ -299,7 +347,7 @@ def compare(
         done.append(i)
         rewards = {k: v for k, v in summary["eval_after"].items() if k.startswith("reward/")}
         r = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in rewards.items())
-        log(f"[{len(done)}/{len(specs)}] {specs[i].scheme} seed {specs[i].seed}: {summary['wall_seconds']:.0f} s; {r}")
+        log(f"[{len(done)}/{len(specs)}] {specs[i].name} seed {specs[i].seed}: {summary['wall_seconds']:.0f} s; {r}")
 
     summaries = dict(zip(specs, _execute(configs, threads, jobs, report), strict=True))
     values = table_values(summaries)
@@ -308,6 +356,7 @@ def compare(
     write_runs_csv(summaries, out / "runs.csv")
     plot_reward_curves(reward_curves(specs, [r.name for r in configs[0].rewards], smooth), out, smooth)
     meta = {"config": config or "defaults", "overrides": list(overrides), "schemes": list(schemes),
+            "variants": {k: list(v) for k, v in (variants or {}).items()},
             "seeds": list(seeds), "jobs": jobs, "threads_per_job": threads, "smooth": smooth,
             "wall_seconds": time.time() - t0, **where}
     (out / "compare.json").write_text(json.dumps(meta, indent=1))

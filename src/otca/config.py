@@ -85,6 +85,23 @@ def _shift_value(value: Any) -> float | str:
     raise ValueError("expected a number > 0 or 'auto'")
 
 
+class SdeWindowConfig(_Section):
+    size: int = Field(4, ge=1)
+    """Steps in the window (MixGRPO: 4 of 25): SDE steps, the only ones trained; ODE steps outside it."""
+    mode: str = "sliding"
+    """How the window moves with the iteration (a name in ``otca.flow.WINDOWS``): 'sliding' (MixGRPO's progressive
+    window: the start advances by ``shift`` every ``iters_per_shift`` iterations from ``lo``, back to ``lo`` past the
+    end) or 'random' (Flow-GRPO-Fast: a start drawn per iteration from ``lo .. hi - size``)."""
+    lo: int = Field(0, ge=0)
+    """First step the window may cover."""
+    hi: int | None = None
+    """Exclusive end of the steps the window may cover; None = num_steps - 1 (the last step is never trained)."""
+    shift: int = Field(1, ge=1)
+    """Steps a sliding window advances at a time."""
+    iters_per_shift: int = Field(1, ge=1)
+    """Iterations between two advances of a sliding window (MixGRPO: 25)."""
+
+
 class SamplerConfig(_Section):
     num_steps: int = Field(16, ge=1)
     """Denoising steps T of a rollout."""
@@ -98,9 +115,17 @@ class SamplerConfig(_Section):
     default (StableDiffusion3Pipeline, Flow-GRPO's SD3 recipe): shifted twice, its last step ends at 0.0089 for
     T=10, s=3 instead of 0.25. 'diffusers' takes a numeric shift."""
     sde: str = "flow-sde"
-    """Stochastic transition of rollouts: 'flow-sde' (Flow-GRPO) or 'dance-sde' (DanceGRPO)."""
+    """Stochastic transition of rollouts (a name in ``otca.flow.TRANSITIONS``): 'flow-sde' (Flow-GRPO), 'dance-sde'
+    (DanceGRPO) or 'cps' (coefficients-preserving sampling, arXiv 2509.05952: its last step is deterministic, so it
+    needs ``train.drop_last_step`` or a window that ends before the last step)."""
     eta: float = Field(0.7, ge=0)
-    """Noise level of the SDE (Flow-SDE: std_t = eta*sqrt(sigma/(1-sigma)); Dance-SDE: constant eta)."""
+    """Noise level of the SDE (Flow-SDE: std_t = eta*sqrt(sigma/(1-sigma)) sqrt(dt); Dance-SDE: constant eta;
+    CPS: std = sigma_next*sin(eta*pi/2), eta in [0, 1])."""
+    sde_window: SdeWindowConfig | None = None
+    """SDE window (MixGRPO, Flow-GRPO-Fast): SDE steps inside a window that moves with the iteration, ODE steps
+    outside it, only the window's steps trained (the update costs ~size/T of the full one). None = every step
+    stochastic. Set a field to turn it on, e.g. ``sampler.sde_window.size=4``; fields size, mode, lo, hi, shift,
+    iters_per_shift."""
     same_noise_per_group: bool = True
     """All samples of a prompt group start from the same initial noise (DanceGRPO's init_same_noise)."""
     final_latent: Literal["x0", "last"] = "x0"
@@ -153,6 +178,10 @@ class TrainConfig(_Section):
     """Which transitions: a random subset per sample (DanceGRPO) or the first ones (Flow-GRPO)."""
     drop_last_step: bool = True
     """Never train the last transition (DanceGRPO does this)."""
+    ratio_guard: str = "none"
+    """Transform of the importance ratio before the objective (a name in ``otca.flow.RATIO_GUARDS``): 'none', or
+    'ratio-norm' (GRPO-Guard, arXiv 2510.22319: the ratio's bias removed and rescaled by the step's std, each step's
+    term weighted by 1/dt; the paper pairs it with a tiny clip_range, 2e-6 to 4e-6)."""
     ema_decay: float | None = None
     """Keep an EMA of the trainable weights (used for eval and sampling); None = off."""
 
@@ -219,7 +248,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
-        node = node.setdefault(k, {})
+        if node.get(k) is None:  # a section that is off (null) is turned on by setting one of its fields
+            node[k] = {}
+        node = node[k]
         if not isinstance(node, dict):
             raise ConfigError(f"override '{dotted}': '{k}' is not a section")
     node[keys[-1]] = value
@@ -240,13 +271,18 @@ def _registered_names(cfg: RunConfig) -> list[tuple[str, str, Registry[Any]]]:
     model and reward registries import their provider modules (cheap: heavy imports happen inside builders).
     """
     from otca.credit.schemes import SCHEMES
+    from otca.flow.loss import RATIO_GUARDS
     from otca.flow.sde import TRANSITIONS
+    from otca.flow.window import WINDOWS
     from otca.models.registry import POLICIES
     from otca.rewards.registry import REWARDS
 
+    window = cfg.sampler.sde_window
     return [
         ("train.scheme", cfg.train.scheme, SCHEMES),
         ("sampler.sde", cfg.sampler.sde, TRANSITIONS),
+        *((("sampler.sde_window.mode", window.mode, WINDOWS),) if window is not None else ()),
+        ("train.ratio_guard", cfg.train.ratio_guard, RATIO_GUARDS),
         ("model.kind", cfg.model.kind, POLICIES),
         *((f"rewards.{i}.name", r.name, REWARDS) for i, r in enumerate(cfg.rewards)),
     ]
@@ -261,9 +297,49 @@ def check_names(cfg: RunConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: config field '{field}': unknown {registry.kind} {name!r} (known: {known})")
 
 
+def window_spec(cfg: RunConfig) -> Any:
+    """The :class:`otca.flow.WindowSpec` of ``sampler.sde_window`` on ``sampler.num_steps``, None when off."""
+    from otca.flow.window import WindowSpec
+
+    w = cfg.sampler.sde_window
+    if w is None:
+        return None
+    return WindowSpec(cfg.sampler.num_steps, w.size, lo=w.lo, hi=w.hi, shift=w.shift, iters_per_shift=w.iters_per_shift)
+
+
+def check_sampling(cfg: RunConfig, source: str = "config") -> None:
+    """Raise :class:`ConfigError` (one line) for an SDE window that does not fit ``num_steps``, or for a trained
+    last step that the transition makes deterministic (CPS: ``sigma_next = 0`` gives std 0 and no log-density), or
+    an ``eta`` outside the transition's range.
+
+    The transition is asked, not named: its std on a last step (``sigma -> 0``) at ``sampler.eta`` is probed."""
+    import torch
+
+    from otca.flow.sde import TRANSITIONS
+
+    s, t = cfg.sampler, cfg.train
+    spec = window_spec(cfg)
+    if spec is not None:
+        try:
+            spec.check()
+        except ValueError as e:
+            raise ConfigError(f"{source}: config field 'sampler.sde_window': {e}") from None
+    z = torch.zeros(1, 1)
+    try:  # a last step, sigma 0.5 -> 0 (also checks eta against the transition's range)
+        _, _, _, std = TRANSITIONS.get(s.sde)(z, z, 0.5, 0.0, eta=s.eta, noise=z)
+    except ValueError as e:
+        raise ConfigError(f"{source}: config field 'sampler.eta': {e}") from None
+    if not t.drop_last_step and (spec is None or spec.end == s.num_steps):
+        if not bool((std > 0).all()):
+            raise ConfigError(
+                f"{source}: config field 'train.drop_last_step': false trains the last step, which sampler.sde "
+                f"{s.sde!r} at eta {s.eta} makes deterministic (no log-density): set it to true"
+            )
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides (dotted keys); every registry name
-    is checked (:func:`check_names`)."""
+    is checked (:func:`check_names`), and the sampler settings fit together (:func:`check_sampling`)."""
     tree: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -286,6 +362,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
     check_names(cfg, source)
+    check_sampling(cfg, source)
     return cfg
 
 

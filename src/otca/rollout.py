@@ -21,6 +21,7 @@ STREAM_INIT_NOISE = 0
 STREAM_SDE_NOISE = 1
 STREAM_STEP_MASK = 2
 STREAM_PROMPTS = 3
+STREAM_SDE_WINDOW = 4  # where a random SDE window lies (one draw per iteration, index 0)
 
 
 def seeded_generator(*key: int) -> torch.Generator:

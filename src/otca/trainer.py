@@ -19,16 +19,26 @@ import torch
 
 from otca import dist as odist
 from otca.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from otca.config import RunConfig, dump_config
+from otca.config import RunConfig, dump_config, window_spec
 from otca.credit import CreditInputs, CreditOutput, get_scheme, tcd_gains
 from otca.diagnostics import LossMetrics, run_diagnostics, step_weight_profile, zero_variance_groups
 from otca.evaluate import EvalResult, evaluate_policy, load_prompts
-from otca.flow import get_transition, kl_to_reference, make_sigmas, policy_loss
+from otca.flow import (
+    RATIO_GUARDS,
+    StepGeometry,
+    get_transition,
+    kl_to_reference,
+    make_sigmas,
+    policy_loss,
+    sde_window,
+    window_train_mask,
+)
 from otca.models.registry import build_policy
 from otca.plots import plot_curves, plot_weight_heatmap, save_grid
 from otca.rewards.registry import build_reward_set
 from otca.rollout import (
     STREAM_PROMPTS,
+    STREAM_SDE_WINDOW,
     STREAM_STEP_MASK,
     Trajectory,
     initial_noise,
@@ -77,6 +87,8 @@ class Trainer:
             cfg.sampler.num_steps, cfg.sampler.shift, cfg.sampler.schedule,
             dynamic=getattr(self.policy, "dynamic_shift", None),
         )
+        self.window = window_spec(cfg)  # the SDE window's WindowSpec (None: every step stochastic)
+        self.guard = RATIO_GUARDS.get(cfg.train.ratio_guard)
         if not any(p.requires_grad for p in self.policy.parameters()):
             raise ValueError("model: no trainable parameters")
         if cfg.fsdp and cfg.train.kl_coef > 0:
@@ -194,6 +206,7 @@ class Trainer:
                 self.policy, cond, x, self.sigmas, transition=self.transition, eta=s.eta, seed=self.cfg.seed,
                 iteration=it, indices=batch.indices, final_latent=s.final_latent,
                 micro_batch=self.cfg.train.micro_batch, velocity=self.model,
+                sde_steps=self.sde_steps(it), keep_means=self.guard.needs_geometry,
             )
         return traj, cond
 
@@ -211,6 +224,9 @@ class Trainer:
             n_global, len(self.sigmas) - 1, fraction=t.timestep_fraction, mode=t.timestep_selection,
             drop_last=t.drop_last_step, generator=seeded_generator(self.cfg.seed, it, STREAM_STEP_MASK, 0),
         )
+        window = self.sde_steps(it)  # [T] bool or None
+        if window is not None:  # only the window's (stochastic) steps are trained
+            mask_global = window_train_mask(window, mask_global)  # [B, T]
         dev = info.device
         gains = odist.all_gather_rows(tcd_gains(traj.latents, traj.final).to(dev), info).cpu()  # [B, T] fp32
         inputs = CreditInputs(
@@ -280,10 +296,22 @@ class Trainer:
                 v_ref = self._ref_velocity(x, k, cond[mb])
                 _, _, ref_mean, _ = self.transition(x, v_ref, sig, sig_next, eta=s.eta, prev=x_next)
             kl = kl_to_reference(mean, ref_mean, std, form=t.kl_form, sigma=sig, sigma_next=sig_next)[:, None]
+        geometry = None
+        if self.guard.needs_geometry:  # [b, 1] fields; the rollout kept the sampling policy's means
+            geometry = StepGeometry.of_step(mean, traj.means[mb, k], std, sig, sig_next)
         return policy_loss(
             logp[:, None], old_logp[mb, k][:, None], adv[mb, k][:, None], mask[mb, k][:, None],
             clip_range=t.clip_range, objective=t.objective, kl=kl, kl_coef=t.kl_coef, normalizer=normalizer,
+            ratio_guard=t.ratio_guard, geometry=geometry,
         )
+
+    def sde_steps(self, it: int) -> torch.Tensor | None:
+        """Iteration ``it``'s SDE window ``[T]`` bool (stochastic and trained where True), None without a window;
+        a random window is drawn from its own stream, the same on every rank."""
+        w = self.cfg.sampler.sde_window
+        if self.window is None or w is None:
+            return None
+        return sde_window(self.window, w.mode, it, seeded_generator(self.cfg.seed, it, STREAM_SDE_WINDOW, 0))
 
     def _sigma(self, k: int, x: torch.Tensor) -> torch.Tensor:
         """Noise level of step k for every sample of ``x``: ``[b]`` on x's device."""
