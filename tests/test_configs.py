@@ -14,6 +14,7 @@ from otca.cli import main
 from otca.config import RunConfig, load_config
 from otca.evaluate import load_prompts
 from otca.models.flux import FluxOptions
+from otca.models.flux2 import Flux2Options
 from otca.models.options import parse_options
 from otca.models.qwen_image import QwenImageOptions
 from otca.models.registry import build_policy
@@ -28,11 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 PAPER = {
     "flux-otca.yaml": FluxOptions, "wan22-otca.yaml": WanOptions, "sd3-otca.yaml": SD3Options,
-    "qwen-image-otca.yaml": QwenImageOptions,
+    "qwen-image-otca.yaml": QwenImageOptions, "flux2-otca.yaml": Flux2Options,
 }
-TINY = ("flux", "sd3", "wan", "qwen-image")
+TINY = ("flux", "sd3", "wan", "qwen-image", "flux2")
 FULL = {
     "flux": "flux-otca.yaml", "sd3": "sd3-otca.yaml", "wan": "wan22-otca.yaml", "qwen-image": "qwen-image-otca.yaml",
+    "flux2": "flux2-otca.yaml",
 }
 PLACEHOLDER = "/path/to/"
 
