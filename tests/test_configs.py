@@ -14,7 +14,9 @@ from otca.cli import main
 from otca.config import RunConfig, load_config
 from otca.evaluate import load_prompts
 from otca.models.flux import FluxOptions
+from otca.models.flux2 import Flux2Options
 from otca.models.options import parse_options
+from otca.models.qwen_image import QwenImageOptions
 from otca.models.registry import build_policy
 from otca.models.sd3 import SD3Options
 from otca.models.wan import WanOptions
@@ -25,8 +27,15 @@ torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
-PAPER = {"flux-otca.yaml": FluxOptions, "wan22-otca.yaml": WanOptions, "sd3-otca.yaml": SD3Options}
-TINY = ("flux", "sd3", "wan")
+PAPER = {
+    "flux-otca.yaml": FluxOptions, "wan22-otca.yaml": WanOptions, "sd3-otca.yaml": SD3Options,
+    "qwen-image-otca.yaml": QwenImageOptions, "flux2-otca.yaml": Flux2Options,
+}
+TINY = ("flux", "sd3", "wan", "qwen-image", "flux2")
+FULL = {
+    "flux": "flux-otca.yaml", "sd3": "sd3-otca.yaml", "wan": "wan22-otca.yaml", "qwen-image": "qwen-image-otca.yaml",
+    "flux2": "flux2-otca.yaml",
+}
 PLACEHOLDER = "/path/to/"
 
 
@@ -109,7 +118,7 @@ def test_paper_config_paths_are_marked_placeholders(name):
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_config_is_the_paper_config_at_toy_size(name):
     tiny = _cfg(f"tiny/{name}.yaml")
-    full = _cfg({"flux": "flux-otca.yaml", "sd3": "sd3-otca.yaml", "wan": "wan22-otca.yaml"}[name])
+    full = _cfg(FULL[name])
     assert tiny.model.options["tiny"] is True and tiny.model.path is None and tiny.model.kind == full.model.kind
     assert all(r.options == {"tiny": True} for r in tiny.rewards)
     assert len(tiny.rewards) == len(full.rewards)

@@ -175,6 +175,8 @@ def test_video_to_an_image_reward_without_frames_is_still_an_error():
         ("flux", {"resolution": 32}, (16, 4, 4), (3, 32, 32)),
         ("sd3", {"resolution": 32}, (16, 8, 8), (3, 32, 32)),
         ("wan", {"height": 32, "width": 32, "num_frames": 5}, (16, 2, 4, 4), (3, 5, 32, 32)),
+        ("qwen-image", {"resolution": 32}, (16, 4, 4), (3, 32, 32)),
+        ("flux2", {"resolution": 32, "max_sequence_length": 64}, (128, 2, 2), (3, 32, 32)),
     ],
 )
 def test_tiny_generator_twins_are_flow_policies(kind, options, latent, pixels):

@@ -121,6 +121,21 @@ def latent_image_ids(h2: int, w2: int, device: torch.device, dtype: torch.dtype)
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(dtype)  # [S, 3]
 
 
+def scheduler_dynamic_shift(cfg: Mapping[str, Any], image_seq_len: int) -> DynamicShift | None:
+    """The dynamic shift of a ``FlowMatchEulerDiscreteScheduler`` config at ``image_seq_len`` tokens, with the
+    fallbacks of the FLUX.1 and Qwen-Image pipelines' ``calculate_shift`` calls; None when the config turns
+    dynamic shifting off."""
+    if not cfg.get("use_dynamic_shifting", False):
+        return None
+    return DynamicShift(
+        image_seq_len=image_seq_len,
+        base_seq_len=int(cfg.get("base_image_seq_len", 256)),
+        max_seq_len=int(cfg.get("max_image_seq_len", 4096)),
+        base_shift=float(cfg.get("base_shift", 0.5)),
+        max_shift=float(cfg.get("max_shift", 1.15)),
+    )
+
+
 class FluxPolicy(DiffusersPolicy):
     """A diffusers ``FluxTransformer2DModel`` with its text encoder and latent codec, as a FlowPolicy.
 
@@ -187,17 +202,8 @@ class FluxPolicy(DiffusersPolicy):
         """FluxPipeline's resolution-dependent shift at this policy's image size (``sampler.shift: auto``): the
         image token count ``(h/2)(w/2)`` and the scheduler config's fields with FluxPipeline's fallbacks; None
         when the scheduler config turns dynamic shifting off (FLUX.1-schnell)."""
-        cfg = self.scheduler_config
-        if not cfg.get("use_dynamic_shifting", False):
-            return None
         _, h, w = self.latent_shape
-        return DynamicShift(
-            image_seq_len=(h // 2) * (w // 2),
-            base_seq_len=int(cfg.get("base_image_seq_len", 256)),
-            max_seq_len=int(cfg.get("max_image_seq_len", 4096)),
-            base_shift=float(cfg.get("base_shift", 0.5)),
-            max_shift=float(cfg.get("max_shift", 1.15)),
-        )
+        return scheduler_dynamic_shift(self.scheduler_config, (h // 2) * (w // 2))
 
     def _transformer(
         self, tokens: torch.Tensor, sigma: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor,

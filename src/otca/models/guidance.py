@@ -23,6 +23,14 @@ def cfg_combine(v_cond: torch.Tensor, v_neg: torch.Tensor, scale: float) -> torc
     return v_neg + scale * (v_cond - v_neg)
 
 
+def cfg_renorm(v_guided: torch.Tensor, v_cond: torch.Tensor) -> torch.Tensor:
+    """The guided velocity rescaled to the conditional one's norm over the last axis (each token's channels):
+    ``v * ||v_cond|| / ||v||`` (diffusers' ``QwenImagePipeline.__call__``, after its true-CFG combination);
+    shapes ``[..., D]``."""
+    return v_guided * (torch.linalg.vector_norm(v_cond, dim=-1, keepdim=True)
+                       / torch.linalg.vector_norm(v_guided, dim=-1, keepdim=True))
+
+
 def guided_forward(
     net: Callable[..., torch.Tensor],
     x: torch.Tensor,
@@ -30,11 +38,14 @@ def guided_forward(
     positive: dict[str, torch.Tensor],
     negative: dict[str, torch.Tensor] | None,
     scale: float,
+    *,
+    renorm: bool = False,
 ) -> torch.Tensor:
     """``net(x, t, **embeddings)`` with classifier-free guidance when ``scale > 1`` (the pipelines' rule).
 
     ``x [B, *latent]`` and ``t [B]`` already in the network's dtype / fp32; the conditional and unconditional
-    passes run as one batch of 2B. Returns the guided output ``[B, *latent]`` in fp32 (the combination is fp32).
+    passes run as one batch of 2B. Returns the guided output ``[B, *latent]`` in fp32 (the combination is fp32),
+    rescaled by :func:`cfg_renorm` when ``renorm`` (Qwen-Image).
     """
     if scale <= 1.0:
         return net(x, t, **positive).float()
@@ -43,4 +54,5 @@ def guided_forward(
     both = {k: torch.cat([positive[k], negative[k]]) for k in positive}  # {field: [2B, ...]}
     out = net(torch.cat([x, x]), torch.cat([t, t]), **both).float()  # [2B, *latent]
     v_cond, v_neg = out.chunk(2)  # [B, *latent] each
-    return cfg_combine(v_cond, v_neg, scale)
+    v = cfg_combine(v_cond, v_neg, scale)
+    return cfg_renorm(v, v_cond) if renorm else v

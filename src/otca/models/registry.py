@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from otca.config import ModelConfig
 
 # Modules that register more adapters, imported on first look-up (each imports its heavy modules lazily).
-_PROVIDERS = ("otca.models.flux", "otca.models.sd3", "otca.models.wan")
+_PROVIDERS = ("otca.models.flux", "otca.models.sd3", "otca.models.wan", "otca.models.qwen_image",
+              "otca.models.flux2")
 
 PolicyBuilder = Callable[["ModelConfig", torch.device], FlowPolicy]
 POLICIES: Registry[PolicyBuilder] = Registry("model kind", providers=_PROVIDERS)

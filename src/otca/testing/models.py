@@ -94,3 +94,34 @@ def tiny_t5_tokenizer(max_length: int = 512):
     chars = string.ascii_letters + string.digits + string.punctuation
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -3.0) for c in chars]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def tiny_qwen2_tokenizer(words: Sequence[str] = (), special: Sequence[str] = ()):
+    """A Qwen2 byte-level BPE tokenizer built offline: every byte symbol (:func:`byte_alphabet`) is a token, plus
+    one token per piece of ``words`` (merged left to right, so a listed word is a single token as in the real
+    vocabulary) and the ``special`` tokens, kept whole.
+
+    Ids: 0 = ``<|endoftext|>`` (also pad), 1..256 the byte symbols in byte order, then the merged pieces, then the
+    special tokens. ``words`` are written as the pre-tokenizer cuts them, with a leading space where the word
+    follows one (``" the"``).
+    """
+    from transformers import Qwen2Tokenizer
+
+    alphabet = byte_alphabet()
+    symbol = {b: alphabet[b] for b in range(256)}
+    vocab = {"<|endoftext|>": 0}
+    for s in alphabet:
+        vocab[s] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = [symbol[b] for b in word.encode("utf-8")]
+        left = pieces[0]
+        for right in pieces[1:]:
+            if left + right not in vocab:
+                vocab[left + right] = len(vocab)
+                merges.append((left, right))
+            left += right
+    # the tokenizers BPE backend takes merges as pairs (transformers' annotation names only merges.txt lines)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges)  # type: ignore[arg-type]
+    tok.add_special_tokens({"additional_special_tokens": list(special)})
+    return tok
