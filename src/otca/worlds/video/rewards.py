@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from otca.rewards.options import WeightFreeOptions
+from otca.rewards.registry import register_reward
 from otca.worlds.digits.judges import ASSETS_DIR, load_classifier
 from otca.worlds.digits.rewards import crispness, median3
 from otca.worlds.video.data import SPEED_PX, UNIT
@@ -136,6 +138,7 @@ class VideoReward:
         if which not in REWARD_NAMES:
             raise ValueError(f"video reward {which!r}: expected one of {', '.join(REWARD_NAMES)}")
         self.name = which
+        self.names = (which,)
         self.assets_dir = Path(assets_dir) if assets_dir else ASSETS_DIR
 
     def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -146,10 +149,19 @@ class VideoReward:
         return text_alignment(pixels, prompts, self.assets_dir)
 
 
+class VideoAlignOptions(WeightFreeOptions):
+    """Options of ``video-align``: its formulas are fixed; only the digit classifier's folder can change."""
+
+    assets_dir: str | None = None
+    """A folder written by the digits world's ``train_judges`` holding the classifier (default: the shipped one)."""
+
+
 class VideoAlignRewards:
-    """The three rewards as one multi-objective reward: ``__call__(pixels, prompts) -> [B, 3]`` (VQ, MQ, TA)."""
+    """The three rewards as one multi-objective reward: ``__call__(pixels, prompts) -> [B, 3]`` (VQ, MQ, TA), the
+    columns named by REWARD_NAMES. Registered as ``video-align`` (VideoAlign's one model, three scores)."""
 
     name = "video-align"
+    names: tuple[str, ...] = REWARD_NAMES
     objectives = REWARD_NAMES
 
     def __init__(self, assets_dir: str | None = None):
@@ -157,3 +169,9 @@ class VideoAlignRewards:
 
     def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return video_rewards(pixels, prompts, self.assets_dir)
+
+
+@register_reward("video-align", VideoAlignOptions)
+def build_video_align(options: VideoAlignOptions) -> VideoAlignRewards:
+    """The registered factory of ``video-align``."""
+    return VideoAlignRewards(options.assets_dir)
