@@ -36,8 +36,8 @@ INK_BAND = (0.07, 0.19)  # mean ink per frame of real clips is 0.086-0.163 on th
 INK_FALLOFF = 0.07  # ink_balance falls linearly to 0 this far outside the band
 SPECKLE_SCALE = 0.15  # real frames' speckle (3x3-median residual energy per unit ink) is ~0.044
 CENTRE_SIGMA = 3.0  # px; a quick clip's first and last frames sit 2.8 px from the centre (VQ 0.65x there)
-TRACK_SCALE = 0.5  # px; real clips' rms distance of the centroid from its fitted line is < 0.08 px
-INK_CV_SCALE = 0.05  # real clips' coefficient of variation of ink mass over frames is < 0.03
+TRACK_SCALE = 1.0  # px; real clips' rms distance of the centroid from its fitted line is < 0.08 px, generated ~0.4
+INK_CV_SCALE = 0.15  # real clips' coefficient of variation of ink mass over frames is < 0.03, generated ~0.08
 MOTION_SIGMA = 1.4  # px on the displacement over the clip: half of the slow track's 2.8 px
 REWARD_NAMES = ("video-visual-quality", "video-motion-quality", "video-text-alignment")
 
