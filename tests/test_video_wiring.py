@@ -221,3 +221,16 @@ def test_resume_after_one_iteration_equals_the_uninterrupted_run(tmp_path):
         return {k: v for k, v in r.items() if k != "wall_seconds" and not k.startswith("time/")}
 
     assert [strip(r) for r in RunLog(full.run_dir).rows()] == [strip(r) for r in RunLog(part.run_dir).rows()]
+
+
+def test_compare_draws_one_curve_per_objective_of_the_multi_objective_reward(tmp_path):
+    from otca.compare import compare
+
+    tiny = [o for o in TINY if not o.startswith("progress")]  # compare sets progress itself
+    values = compare(str(CONFIG), [*tiny, "train.iterations=1", "plots=false"], schemes=["otca"], seeds=[0],
+                     out_dir=tmp_path / "cmp", jobs=1)
+    assert (tmp_path / "cmp" / "curves_iteration.png").is_file()
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert all(f"reward/{n}" in table for n in ("video-visual-quality", "video-motion-quality",
+                                                   "video-text-alignment"))
+    assert values
