@@ -101,6 +101,20 @@ def test_lora_and_checkpointing_as_for_wan():
     check_checkpointing_keeps_gradients(lambda **kw: _build(**kw), PROMPTS, SIGMAS)
 
 
+def test_lora_weights_stay_fp32_over_a_bf16_network():
+    from otca.config import LoraConfig
+
+    policy = _build(dtype="bfloat16", lora=LoraConfig(rank=2))
+    trained = dict((n, p) for n, p in policy.named_parameters() if p.requires_grad)
+    assert trained and all(".lora_" in n and p.dtype == torch.float32 for n, p in trained.items())
+    assert {p.dtype for p in policy.transformer.parameters() if not p.requires_grad} == {torch.bfloat16}
+    x = policy.init_latents(3, torch.Generator().manual_seed(0))
+    v = policy.velocity(x, SIGMAS, policy.encode(PROMPTS))
+    assert torch.isfinite(v).all()
+    v.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained.values())
+
+
 # --- reward 'video-align' --------------------------------------------------------------------------------------
 
 
