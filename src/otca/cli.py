@@ -10,6 +10,7 @@
     otca compare --variants "window=sampler.sde_window.size=4;guard=train.ratio_guard=ratio-norm"  # + named rows
     otca analyze-credit [--run RUN_DIR | --config FILE] [key=value ...]            # is dS a proxy? (paper 6.1)
     otca config [--config FILE] [key=value ...]  # the resolved config as YAML, every field's docstring above it
+    otca pretrain [--world digits|video] [--out DIR]  # rebuild a world's shipped weights from scratch
     torchrun --nproc_per_node 2 -m otca train    # the same on several processes
 """
 
@@ -94,11 +95,13 @@ def _parser() -> argparse.ArgumentParser:
     cf.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.scheme=grpo")
 
     pt = sub.add_parser(
-        "pretrain", help="retrain the embedded default's base model, text encoder and judges from scratch"
+        "pretrain", help="retrain a world's base model, text encoder (and judges) from scratch, deterministically"
     )
+    pt.add_argument("--world", default="digits", help="which registered world (default: digits, the embedded default)")
     pt.add_argument("--out", default="pretrained", help="output folder for the weights")
     pt.add_argument("--seed", type=int, default=0)
-    pt.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these tiny networks)")
+    pt.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these tiny networks "
+                    "and the only count that rebuilds the shipped weights bit for bit)")
     return p
 
 
@@ -157,8 +160,8 @@ def cmd_sample(args) -> int:
         x = sample_ode(trainer.policy, cond, x, sigmas)
         pixels = trainer.policy.decode(x).float().clamp(0, 1).cpu()
     out = Path(args.out or Path(args.run_dir) / "sample.png")
-    save_grid(pixels, prompts, out, per_row=args.n)
-    print(f"wrote {out}")
+    files = save_grid(pixels, prompts, out, per_row=args.n)  # videos: a GIF grid and a frame strip
+    print(f"wrote {', '.join(str(f) for f in files)}")
     return 0
 
 
@@ -199,15 +202,12 @@ def cmd_analyze_credit(args) -> int:
 def cmd_pretrain(args) -> int:
     import torch
 
-    from otca.worlds.digits.judges import train_judges
-    from otca.worlds.digits.pretrain import pretrain_generator
+    from otca.pretraining import pretrain_world
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(train_judges(out, seed=args.seed), indent=1, default=str))
-    print(json.dumps(pretrain_generator(out, seed=args.seed), indent=1, default=str))
-    print(f"wrote the embedded default's weights to {out} (copy them to src/otca/assets to ship them)")
+    for record in pretrain_world(args.world, args.out, seed=args.seed):
+        print(json.dumps(record, indent=1, default=str))
+    print(f"wrote the {args.world} world's weights to {args.out} (copy them to src/otca/assets to ship them)")
     return 0
 
 

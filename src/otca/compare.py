@@ -354,7 +354,10 @@ def compare(
     (out / "table.md").write_text(format_markdown(values) + "\n")
     write_csv(values, out / "table.csv")
     write_runs_csv(summaries, out / "runs.csv")
-    plot_reward_curves(reward_curves(specs, [r.name for r in configs[0].rewards], smooth), out, smooth)
+    # the reward columns as the runs logged them (a multi-objective reward logs one per objective, not its name)
+    first = next(iter(summaries.values()))["eval_after"]
+    columns = [k.removeprefix("reward/") for k in first if k.startswith("reward/")]
+    plot_reward_curves(reward_curves(specs, columns, smooth), out, smooth)
     meta = {"config": config or "defaults", "overrides": list(overrides), "schemes": list(schemes),
             "variants": {k: list(v) for k, v in (variants or {}).items()},
             "seeds": list(seeds), "jobs": jobs, "threads_per_job": threads, "smooth": smooth,

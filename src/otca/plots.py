@@ -65,11 +65,19 @@ def plot_weight_heatmap(profiles: list[list[float]], path: Path) -> None:
     plt.close(fig)
 
 
-def save_grid(pixels: torch.Tensor, prompts: Sequence[str], path: Path, per_row: int, title: str = "") -> None:
-    """A grid of images ``[N, C, H, W]`` in [0, 1] (video: the middle frame), one prompt per row."""
+def save_grid(pixels: torch.Tensor, prompts: Sequence[str], path: Path, per_row: int, title: str = "") -> list[Path]:
+    """Sample figures of ``pixels`` in [0, 1], by rank: images ``[N, C, H, W]`` -> a grid PNG at ``path``, one prompt
+    per row; videos ``[N, C, F, H, W]`` -> an animated GIF grid at ``path`` with suffix ``.gif``
+    (:func:`save_video_grid`) and a frame-strip PNG at ``path`` (:func:`save_frame_strip`). Returns the files."""
+    if pixels.dim() == 5:
+        gif = Path(path).with_suffix(".gif")
+        save_video_grid(pixels, gif, per_row)
+        save_frame_strip(pixels[::per_row] if pixels.shape[0] > per_row else pixels,
+                         list(prompts)[::per_row] if pixels.shape[0] > per_row else prompts, path, title=title)
+        return [gif, Path(path)]
+    if pixels.dim() != 4:
+        raise ValueError(f"save_grid: expected pixels [N, C, H, W] or [N, C, F, H, W], got {tuple(pixels.shape)}")
     plt = pyplot()
-    if pixels.dim() == 5:  # [N, C, F, H, W]
-        pixels = pixels[:, :, pixels.shape[2] // 2]
     n = pixels.shape[0]
     rows = math.ceil(n / per_row)
     fig, axes = plt.subplots(rows, per_row, figsize=(per_row * 0.9, rows * 0.95), dpi=100, squeeze=False)
@@ -82,6 +90,55 @@ def save_grid(pixels: torch.Tensor, prompts: Sequence[str], path: Path, per_row:
         ax.imshow(img[..., 0] if gray else img, cmap="gray" if gray else None, vmin=0, vmax=1)
         if i % per_row == 0:
             ax.set_title(prompts[i], fontsize=5, loc="left")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return [Path(path)]
+
+
+def video_grid_frames(pixels: torch.Tensor, per_row: int, scale: int = 3, gap: int = 1) -> torch.Tensor:
+    """The frames of a video grid as uint8 ``[F, rows * (H*scale + gap) - gap, per_row * (W*scale + gap) - gap,
+    C]``: clip i of ``pixels [N, C, F, H, W]`` in [0, 1] at row ``i // per_row``, column ``i % per_row``, each
+    pixel a ``scale x scale`` block, clips ``gap`` grey pixels apart (grey also fills unused cells)."""
+    n, c, f, h, w = pixels.shape
+    rows = math.ceil(n / per_row)
+    ch, cw = h * scale + gap, w * scale + gap
+    canvas = torch.full((f, rows * ch - gap, per_row * cw - gap, c), 0.5)  # [F, Hg, Wg, C]
+    big = pixels.float().clamp(0, 1).repeat_interleave(scale, 3).repeat_interleave(scale, 4)  # [N, C, F, Hs, Ws]
+    for i in range(n):
+        r, col = divmod(i, per_row)
+        canvas[:, r * ch:r * ch + h * scale, col * cw:col * cw + w * scale] = big[i].permute(1, 2, 3, 0)
+    return (canvas * 255).round().to(torch.uint8)
+
+
+def save_video_grid(pixels: torch.Tensor, path: Path, per_row: int, frame_ms: int = 150, scale: int = 3) -> None:
+    """An animated GIF (looping, ``frame_ms`` per frame) of the clips ``[N, C, F, H, W]`` in [0, 1] on a grid of
+    ``per_row`` columns (:func:`video_grid_frames`); grey for one channel, RGB for three."""
+    from PIL import Image
+
+    frames = video_grid_frames(pixels, per_row, scale).numpy()  # [F, Hg, Wg, C]
+    images = [Image.fromarray(fr[..., 0] if fr.shape[-1] == 1 else fr) for fr in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+
+
+def save_frame_strip(pixels: torch.Tensor, prompts: Sequence[str], path: Path, title: str = "",
+                     max_clips: int = 16) -> None:
+    """A PNG with one row per clip (the first ``max_clips`` of ``pixels [N, C, F, H, W]`` in [0, 1]), its frames left
+    to right, titled with its prompt."""
+    plt = pyplot()
+    n, _, f = pixels.shape[:3]
+    n = min(n, max_clips)
+    fig, axes = plt.subplots(n, f, figsize=(f * 0.7, n * 0.8), dpi=100, squeeze=False)
+    for i in range(n):
+        for k in range(f):
+            ax = axes[i][k]
+            ax.axis("off")
+            img = pixels[i, :, k].permute(1, 2, 0).float().numpy()
+            gray = img.shape[-1] == 1
+            ax.imshow(img[..., 0] if gray else img, cmap="gray" if gray else None, vmin=0, vmax=1)
+        axes[i][0].set_title(prompts[i], fontsize=5, loc="left")
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()

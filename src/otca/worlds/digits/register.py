@@ -1,5 +1,6 @@
 """What the digits world provides, registered on import: model kind ``digits-flux``, prompt set ``digits``
-(``digits:train``, ``digits:eval``, ``digits:all``), eval suite ``digits`` and the digits rewards.
+(``digits:train``, ``digits:eval``, ``digits:all``), eval suite ``digits``, the digits rewards and the pretrainer
+``digits``.
 
 The core finds this module through the ``otca.worlds`` entry point in pyproject.toml (see :mod:`otca.registry`);
 heavy modules are imported only when a registered entry is used.
@@ -8,7 +9,8 @@ heavy modules are imported only when a registered entry is used.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,6 +18,7 @@ import otca.worlds.digits.rewards  # noqa: F401  (registers digit-alignment and 
 from otca.evaluate import register_eval_suite, register_prompt_set
 from otca.models.base import FlowPolicy
 from otca.models.registry import register_policy
+from otca.pretraining import register_pretrainer
 from otca.worlds.digits.prompts import all_prompts
 
 if TYPE_CHECKING:
@@ -38,3 +41,13 @@ def _digits_suite(pixels: torch.Tensor, prompts: Sequence[str], group_ids: torch
     from otca.worlds.digits.metrics import evaluate_digits
 
     return evaluate_digits(pixels, list(prompts), group_ids)
+
+
+@register_pretrainer("digits")
+def _pretrain_digits(out_dir: Path, seed: int) -> list[dict[str, Any]]:
+    """The judges (:func:`otca.worlds.digits.judges.train_judges`), then the generator
+    (:func:`otca.worlds.digits.pretrain.pretrain_generator`)."""
+    from otca.worlds.digits.judges import train_judges
+    from otca.worlds.digits.pretrain import pretrain_generator
+
+    return [train_judges(out_dir, seed=seed), pretrain_generator(out_dir, seed=seed)]

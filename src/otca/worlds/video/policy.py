@@ -6,6 +6,9 @@ classifier-free guidance against the empty prompt inside ``velocity``, pixels ``
 ``decode``. The shipped weights live in ``src/otca/assets``: ``video_wan.{safetensors,json}`` (the transformer
 with its diffusers config and how it was pretrained) and ``video_text.{safetensors,json}``.
 :func:`save_video_generator` writes exactly what :func:`load_video_policy` reads.
+
+Model kind ``video-wan`` (:func:`build_video_wan`) goes through the same options parsing and the same preparation
+of the trained network (gradient checkpointing, LoRA kept in fp32) as the diffusers kinds.
 """
 
 from __future__ import annotations
@@ -16,12 +19,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+from pydantic import Field
 
+from otca.models.build import tiny_and_path_exclusive
+from otca.models.options import AdapterOptions, parse_options
+from otca.models.prepare import prepare_denoisers
 from otca.worlds.video.codec import VideoPixelCodec
 from otca.worlds.video.data import CANVAS, FRAMES
 from otca.worlds.video.text import VideoTextConfig, VideoTextEncoder, prompt_vocabulary
 
 if TYPE_CHECKING:
+    from otca.config import ModelConfig
     from otca.models.wan import WanPolicy
 
 ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
@@ -108,7 +116,7 @@ def _from_json(path: Path, build: Callable[[dict[str, Any]], T]) -> T:
     """``build(the JSON at path)``; a missing, unreadable or unfit file is a one-line error naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"video generator: missing {path} (create it with "
-                                f"`python -m otca.worlds.video.pretrain`)")
+                                f"`otca pretrain --world video`)")
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
@@ -125,7 +133,7 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
 
     if not path.is_file():
         raise FileNotFoundError(f"video generator: missing {path} (create it with "
-                                f"`python -m otca.worlds.video.pretrain`)")
+                                f"`otca pretrain --world video`)")
     try:
         module.load_state_dict(load_file(path), strict=True)
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -175,3 +183,34 @@ def build_video_policy(
     if not random_init:
         return load_video_policy(**options)  # type: ignore[arg-type]
     return video_policy(*video_networks(seed), **options)  # type: ignore[arg-type]
+
+
+class VideoOptions(AdapterOptions):
+    """``model.options`` of model kind ``video-wan`` (weights: ``model.path``, a folder of the four asset files
+    written by ``otca pretrain --world video``; unset for the shipped ones)."""
+
+    guidance_scale: float = Field(DEFAULT_GUIDANCE, ge=1)
+    """Classifier-free guidance against negative_prompt inside the Wan adapter's velocity, on when > 1."""
+    negative_prompt: str = ""
+    """The unconditional prompt of classifier-free guidance."""
+    tiny: bool = False
+    """Freshly initialised (untrained) video networks instead of pretrained weights; model.path must be unset."""
+    seed: int = 0
+    """Seed of the fresh networks with tiny (the global RNG is left untouched)."""
+
+
+def build_video_wan(cfg: ModelConfig, device: torch.device) -> WanPolicy:
+    """Model kind ``video-wan``: the video policy from ``cfg.path`` (default: the shipped weights), or fresh
+    networks with ``options.tiny``; the transformer in ``cfg.dtype`` with ``cfg.gradient_checkpointing`` and
+    ``cfg.lora`` (:func:`~otca.models.prepare.prepare_denoisers`, as for every kind), the text encoder frozen in
+    fp32."""
+    opts = parse_options(VideoOptions, cfg.options)
+    tiny_and_path_exclusive(cfg, opts.tiny)
+    dtype = getattr(torch, cfg.dtype)
+    common: dict[str, Any] = dict(guidance_scale=opts.guidance_scale, negative_prompt=opts.negative_prompt, dtype=dtype)
+    if opts.tiny:
+        policy = video_policy(*video_networks(opts.seed), **common)
+    else:
+        policy = load_video_policy(cfg.path, **common)
+    prepare_denoisers(policy.denoisers(), cfg)
+    return policy.to(device)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from otca.rewards.options import WeightFreeOptions
+from otca.rewards.registry import register_reward
 from otca.worlds.digits.judges import ASSETS_DIR, load_classifier
 from otca.worlds.digits.rewards import crispness, median3
 from otca.worlds.video.data import SPEED_PX, UNIT
@@ -34,8 +36,8 @@ INK_BAND = (0.07, 0.19)  # mean ink per frame of real clips is 0.086-0.163 on th
 INK_FALLOFF = 0.07  # ink_balance falls linearly to 0 this far outside the band
 SPECKLE_SCALE = 0.15  # real frames' speckle (3x3-median residual energy per unit ink) is ~0.044
 CENTRE_SIGMA = 3.0  # px; a quick clip's first and last frames sit 2.8 px from the centre (VQ 0.65x there)
-TRACK_SCALE = 0.5  # px; real clips' rms distance of the centroid from its fitted line is < 0.08 px
-INK_CV_SCALE = 0.05  # real clips' coefficient of variation of ink mass over frames is < 0.03
+TRACK_SCALE = 1.0  # px; real clips' rms distance of the centroid from its fitted line is < 0.08 px, generated ~0.4
+INK_CV_SCALE = 0.15  # real clips' coefficient of variation of ink mass over frames is < 0.03, generated ~0.08
 MOTION_SIGMA = 1.4  # px on the displacement over the clip: half of the slow track's 2.8 px
 REWARD_NAMES = ("video-visual-quality", "video-motion-quality", "video-text-alignment")
 
@@ -136,6 +138,7 @@ class VideoReward:
         if which not in REWARD_NAMES:
             raise ValueError(f"video reward {which!r}: expected one of {', '.join(REWARD_NAMES)}")
         self.name = which
+        self.names = (which,)
         self.assets_dir = Path(assets_dir) if assets_dir else ASSETS_DIR
 
     def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -146,10 +149,19 @@ class VideoReward:
         return text_alignment(pixels, prompts, self.assets_dir)
 
 
+class VideoAlignOptions(WeightFreeOptions):
+    """Options of ``video-align``: its formulas are fixed; only the digit classifier's folder can change."""
+
+    assets_dir: str | None = None
+    """A folder written by the digits world's ``train_judges`` holding the classifier (default: the shipped one)."""
+
+
 class VideoAlignRewards:
-    """The three rewards as one multi-objective reward: ``__call__(pixels, prompts) -> [B, 3]`` (VQ, MQ, TA)."""
+    """The three rewards as one multi-objective reward: ``__call__(pixels, prompts) -> [B, 3]`` (VQ, MQ, TA), the
+    columns named by REWARD_NAMES. Registered as ``video-align`` (VideoAlign's one model, three scores)."""
 
     name = "video-align"
+    names: tuple[str, ...] = REWARD_NAMES
     objectives = REWARD_NAMES
 
     def __init__(self, assets_dir: str | None = None):
@@ -157,3 +169,9 @@ class VideoAlignRewards:
 
     def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return video_rewards(pixels, prompts, self.assets_dir)
+
+
+@register_reward("video-align", VideoAlignOptions)
+def build_video_align(options: VideoAlignOptions) -> VideoAlignRewards:
+    """The registered factory of ``video-align``."""
+    return VideoAlignRewards(options.assets_dir)
