@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from otca import dist as odist
+from otca.batching import update_parts
 from otca.checkpoint import NoCheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from otca.config import RunConfig, dump_config
 from otca.credit import CreditInputs, CreditOutput, get_scheme, tcd_gains
@@ -296,8 +297,9 @@ class Trainer:
         adv, mask = credit.advantages.to(dev), credit.mask.to(dev)  # [b, T] each
         b, T = adv.shape
         old_logp = traj.log_probs.to(dev)  # [b, T]
-        n_parts = t.updates_per_iter
-        parts = [slice(i * b // n_parts, (i + 1) * b // n_parts) for i in range(n_parts)]
+        # optimizer steps made of whole rollout micro-batches: every update forward is exactly a rollout forward
+        groups = update_parts(b, t.updates_per_iter, t.micro_batch)
+        parts = [slice(g[0].start, g[-1].stop) for g in groups]
         steps = [k for k in range(T) if bool(odist.all_reduce_sum(mask[:, k].sum(), info) > 0)]
         acc = LossMetrics()
         first_ratio_dev = None
@@ -307,7 +309,7 @@ class Trainer:
                 if count == 0:
                     continue
                 normalizer = float(count) / info.world_size
-                calls = [(mb, k) for mb in _chunks(part, t.micro_batch) for k in steps]
+                calls = [(mb, k) for mb in groups[pi] for k in steps]
                 self.optimizer.zero_grad(set_to_none=True)
                 for ci, (mb, k) in enumerate(calls):
                     with odist.no_sync(self.model, skip_sync=ci < len(calls) - 1):
@@ -428,10 +430,6 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(total=self.cfg.train.iterations, initial=self.start_iteration, desc=f"otca {self.cfg.train.scheme}")
-
-
-def _chunks(part: slice, size: int) -> list[slice]:
-    return [slice(i, min(i + size, part.stop)) for i in range(part.start, part.stop, size)]
 
 
 _STREAM_GLOBAL_RNG = 1000  # the global torch RNG is reseeded from (seed, iteration, this) at each iteration's start
