@@ -90,7 +90,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        writers: list[tuple[str, Callable[[Path], None]]] = []
+        writers: list[tuple[str, Callable[[Path], object]]] = []
         if weights is not None:
             writers.append((WEIGHTS, lambda p: save_file(_cpu(weights), str(p))))
         if ema is not None:
