@@ -71,7 +71,9 @@ def test_ema_is_the_lerp_of_the_weights_before_and_after_the_update(tmp_path):
 
 @pytest.mark.parametrize("updates, epochs, want", [(1, 1, 1), (2, 1, 2), (1, 2, 2), (2, 2, 4)])
 def test_optimizer_steps_per_iteration_are_updates_times_epochs(tmp_path, updates, epochs, want):
-    tr = Trainer(tiny(tmp_path, f"train.updates_per_iter={updates}", f"train.inner_epochs={epochs}"))
+    # micro-batches of 2: two optimizer steps need at least two rollout micro-batches (otca.batching.update_parts)
+    tr = Trainer(tiny(tmp_path, f"train.updates_per_iter={updates}", f"train.inner_epochs={epochs}",
+                      "train.micro_batch=2"))
     tr.train()
     assert adam_steps(tr) == {want}
 

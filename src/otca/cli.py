@@ -105,14 +105,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_run(run_dir: str, overrides: list[str]):
+def _load_run(run_dir: str, overrides: list[str], fresh_if_none: bool = False):
     from otca.config import load_config
     from otca.trainer import Trainer
 
     path = Path(run_dir) / "config.yaml"
     cfg = load_config(path, [*overrides, f"out_dir={run_dir}"])
     trainer = Trainer(cfg, Path(run_dir))
-    trainer.resume()
+    trainer.resume(fresh_if_none)
     return trainer
 
 
@@ -123,7 +123,7 @@ def cmd_train(args) -> int:
     if args.resume:
         if args.config:
             raise ValueError("--resume takes the run's own config.yaml; pass changes as key=value overrides")
-        trainer = _load_run(args.resume, args.overrides)
+        trainer = _load_run(args.resume, args.overrides, fresh_if_none=True)
     else:
         trainer = Trainer(load_config(args.config, args.overrides))
     summary = trainer.train()

@@ -48,7 +48,11 @@ def load_prompts(spec: str) -> list[str]:
             f"prompt file '{path}' not found (expected a text file, one prompt per line, or one of "
             f"{', '.join(n + ':<split>' for n in PROMPT_SETS.names())})"
         )
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"prompt file '{path}' is unreadable (expected UTF-8 text: {e})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file '{path}' has no prompts")
     return prompts

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from otca.batching import micro_batches
 from otca.flow import Transition, mixed_step, ode_step, predict_x0
 from otca.models.base import FlowPolicy
 
@@ -41,10 +42,6 @@ class Trajectory:
     means: torch.Tensor | None = None  # [B, T, *latent] fp32: transition means (kept for a ratio guard)
 
 
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def velocity_in_chunks(
     velocity: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
     x: torch.Tensor,
@@ -56,7 +53,7 @@ def velocity_in_chunks(
 
     The update phase uses the same chunks, so a re-evaluated log-density equals the sampled one bit for bit.
     """
-    return torch.cat([velocity(x[s], sigma[s], cond[s]) for s in _chunks(x.shape[0], micro_batch)], dim=0)
+    return torch.cat([velocity(x[s], sigma[s], cond[s]) for s in micro_batches(x.shape[0], micro_batch)], dim=0)
 
 
 def initial_noise(

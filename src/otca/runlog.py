@@ -8,6 +8,7 @@ The trainer writes through a :class:`RunLog` (only the main process writes; the 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ class RunLog:
         self.run_dir = Path(run_dir)
         self.write = write
         self._writer: Any = None  # SummaryWriter, made on the first scalar
+        self._purge_step: int | None = None  # set by restore(): TensorBoard events from this step on are dropped
 
     # ------------------------------------------------------------------ writing
 
@@ -60,9 +62,43 @@ class RunLog:
                          if line and json.loads(line)["iteration"] <= last]
                 path.write_text("".join(line + "\n" for line in lines))
 
+    def positions(self) -> dict[str, int]:
+        """Byte lengths of metrics.jsonl and eval.jsonl now (0 for a file not written yet): what a checkpoint
+        records so that :meth:`restore` puts the logs back exactly where they were."""
+        return {name: (self.run_dir / name).stat().st_size if (self.run_dir / name).is_file() else 0
+                for name in (METRICS, EVAL)}
+
+    def restore(self, positions: dict[str, int], pending: dict[str, float] | None = None) -> None:
+        """Cut metrics.jsonl and eval.jsonl back to ``positions`` (from :meth:`positions`), then append
+        ``pending``, the row of the iteration that ended with the checkpoint (written after it). Whatever a killed
+        run wrote later, half lines included, is gone; the logs then continue as an uninterrupted run's do."""
+        if not self.write:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in (METRICS, EVAL):
+            path, size = self.run_dir / name, positions.get(name, 0)
+            have = path.stat().st_size if path.is_file() else 0
+            if have < size:
+                raise ValueError(f"run log '{path}' has {have} bytes, the checkpoint recorded {size}: it was "
+                                 f"shortened after the checkpoint, so the run cannot be resumed exactly")
+            with open(path, "a") as f:
+                f.truncate(size)
+        last = [r["iteration"] for r in self.rows()[-1:]]
+        self._purge_step = int(pending["iteration"]) if pending is not None else (int(last[0]) + 1 if last else 0)
+        for r in self.eval_rows():  # kept evaluations that the TensorBoard purge would drop
+            if r["iteration"] >= self._purge_step:
+                for k, v in r.items():
+                    if k != "iteration":
+                        self._scalar(k if k.startswith("eval/") else f"eval/{k}", v, int(r["iteration"]))
+        if pending is not None:
+            self.append(pending)
+
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """summary.json, replaced atomically (a kill leaves the old one or the new one, never half of one)."""
         if self.write:
-            (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
+            tmp = self.run_dir / (SUMMARY + ".tmp")
+            tmp.write_text(json.dumps(summary, indent=1))
+            os.replace(tmp, self.run_dir / SUMMARY)
 
     def write_credit(self, iteration: int, tensors: dict[str, torch.Tensor]) -> None:
         """``credit/iter-XXXXXX.safetensors``: one iteration's global credit inputs and outputs."""
@@ -102,7 +138,7 @@ class RunLog:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.run_dir / "tb"))
+            self._writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self._purge_step)
         self._writer.add_scalar(key, value, step)
 
     def _read(self, name: str) -> list[dict[str, float]]:

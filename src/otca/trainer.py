@@ -10,6 +10,7 @@ The run directory's logs are written through :class:`otca.runlog.RunLog`.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,13 @@ from typing import Any
 import torch
 
 from otca import dist as odist
-from otca.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from otca.batching import update_parts
+from otca.checkpoint import NoCheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from otca.config import RunConfig, dump_config, window_spec
 from otca.credit import CreditInputs, CreditOutput, get_scheme, tcd_gains
 from otca.diagnostics import LossMetrics, run_diagnostics, step_weight_profile, zero_variance_groups
 from otca.evaluate import EvalResult, evaluate_policy, load_prompts
+from otca.faults import fault_point
 from otca.flow import (
     RATIO_GUARDS,
     StepGeometry,
@@ -108,35 +111,80 @@ class Trainer:
         self.ref = {n: p.detach().clone() for n, p in self.params.items()} if t.kl_coef > 0 else None
         self.start_iteration = 0
         self.weight_profiles: list[list[float]] = []
+        # what a resumed run takes from its checkpoint rather than recomputing (docs/design.md, "Resume")
+        self.eval_before: dict[str, float] | None = None
+        self.wall_before = 0.0  # wall seconds spent by the interrupted runs before this process
+        self._t0 = time.time()
+        self._saved_at = -1  # iteration of the newest checkpoint that holds the current weights
+        self._iteration = 0  # the iteration in progress (for fault points)
 
-    def resume(self) -> None:
-        """Load the latest checkpoint of ``run_dir``: weights, EMA, optimizer and loop state."""
-        ck = load_checkpoint(latest_checkpoint(self.run_dir))
-        missing = set(self.params) ^ set(ck["weights"])
-        if missing:
-            raise ValueError(f"checkpoint does not match the model: {len(missing)} mismatched tensors, "
-                             f"e.g. {sorted(missing)[0]}")
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(odist.like(ck["weights"][n], p))
+    def resume(self, fresh_if_none: bool = False) -> None:
+        """Continue from the newest sound checkpoint of ``run_dir``: weights, EMA, optimizer, loop state, the
+        evaluation before training, the elapsed wall time, and the logs cut back to where the checkpoint left them.
+
+        ``fresh_if_none``: a run directory with no checkpoint yet (killed before its first one) starts over from
+        iteration 0 (its logs emptied) instead of failing.
+        """
+        try:
+            ckpt = latest_checkpoint(self.run_dir, with_weights=False)
+        except NoCheckpointError:
+            if not fresh_if_none:
+                raise
+            if self.info.is_main:
+                print(f"otca: no checkpoint yet in '{self.run_dir}': starting from iteration 0", file=sys.stderr)
+            self.runlog.restore({})
+            return
+        ck = load_checkpoint(ckpt)
+        if ck["weights"] is not None:
+            missing = set(self.params) ^ set(ck["weights"])
+            if missing:
+                raise ValueError(f"checkpoint does not match the model: {len(missing)} mismatched tensors, "
+                                 f"e.g. {sorted(missing)[0]}")
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(odist.like(ck["weights"][n], p))
         if self.ema is not None and ck["ema"] is not None:
             self.ema = {n: odist.like(t, self.params[n]) for n, t in ck["ema"].items()}
-        odist.load_optimizer_state(self.optimizer, ck["optimizer"], self.fsdp)
-        self.start_iteration = ck["state"]["iteration"]
-        self.weight_profiles = ck["state"].get("weight_profiles", [])
-        self.runlog.truncate(self.start_iteration)
+        if ck["optimizer"] is not None:
+            odist.load_optimizer_state(self.optimizer, ck["optimizer"], self.fsdp)
+        state = ck["state"]
+        self.start_iteration = self._saved_at = state["iteration"]
+        self.weight_profiles = state.get("weight_profiles", [])
+        self.eval_before = state.get("eval_before")
+        self.wall_before = state.get("wall_seconds", 0.0)
+        if "log_positions" in state:
+            self.runlog.restore(state["log_positions"], state.get("pending_row"))
+        else:  # a checkpoint written before log positions were recorded
+            self.eval_before = self.eval_before or (self.runlog.summary() or {}).get("eval_before")
+            self.wall_before = self.wall_before or (self.runlog.summary() or {}).get("wall_seconds", 0.0)
+            self.runlog.truncate(self.start_iteration)
 
     # ------------------------------------------------------------------ the loop
 
+    def elapsed(self) -> float:
+        """Wall seconds of the run so far, the interrupted processes' time included."""
+        return self.wall_before + time.time() - self._t0
+
     def train(self) -> dict[str, Any]:
-        cfg, t0 = self.cfg, time.time()
+        cfg, n_iter = self.cfg, self.cfg.train.iterations
+        self._t0 = time.time()
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        prior = (self.runlog.summary() or {}) if self.start_iteration else {}
-        eval_before = prior.get("eval_before") or self.evaluate("before").metrics
+        if self.eval_before is None:
+            self.eval_before = self.evaluate("before").metrics
+            fault_point("before", self.start_iteration)
+            if self.start_iteration == 0:  # state only: "before" and the wall time survive a kill from here on
+                self.save(0, weights=False)
+        eval_before = self.eval_before
+        start = self.start_iteration
+        if self._eval_due(start) and [r["iteration"] for r in self.runlog.eval_rows()[-1:]] != [start]:
+            # the checkpoint was the end of a shorter run, whose final evaluation was cut from the logs
+            self.runlog.append_eval(start, self.evaluate(None).metrics)
         bar = self._progress()
-        for it in range(self.start_iteration, cfg.train.iterations):
+        for it in range(start, n_iter):
+            self._iteration = it
+            torch.manual_seed(seeded_generator(cfg.seed, it, _STREAM_GLOBAL_RNG, 0).initial_seed())
             times: dict[str, float] = {}
             with timed(times, "rollout"):
                 batch = self.sample_prompts(it)
@@ -147,32 +195,38 @@ class Trainer:
                 credit = self.assign_credit(traj, rewards, batch, it)
             with timed(times, "update"):
                 stats = self.update(traj, cond, credit)
-            row = self.log_row(it, credit, stats, time.time() - t0)
-            if cfg.eval.every and (it + 1) % cfg.eval.every == 0 and it + 1 < cfg.train.iterations:
+            row = self.log_row(it, credit, stats, self.elapsed())
+            if self._eval_due(it + 1):
                 with timed(times, "eval"):
-                    self.runlog.append_eval(it + 1, self.evaluate(None).metrics)
+                    metrics = self.evaluate(None).metrics
+                    fault_point("eval", it + 1)
+                    self.runlog.append_eval(it + 1, metrics)
             if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
                 with timed(times, "checkpoint"):
-                    self.save(it + 1)
+                    self.save(it + 1, pending={**row, **times})
             self.runlog.append({**row, **times})
+            fault_point("log", it)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1][:10]: f"{v:.3f}" for k, v in row.items() if k.startswith("reward/")})
         if bar is not None:
             bar.close()
+        if self._saved_at != n_iter:
+            self.save(n_iter)
         after = self.evaluate("after")
-        self.save(cfg.train.iterations)
+        fault_point("after", n_iter)
         summary = {
             "scheme": cfg.train.scheme,
-            "iterations": cfg.train.iterations,
+            "iterations": n_iter,
             "eval_before": eval_before,
             "eval_after": after.metrics,
-            "wall_seconds": time.time() - t0 + prior.get("wall_seconds", 0.0),
+            "wall_seconds": self.elapsed(),
             "world_size": self.info.world_size,
             "diagnostics": run_diagnostics(self.runlog.rows()) if self.info.is_main else {},
         }
-        self.runlog.append_eval(cfg.train.iterations, after.metrics)
+        self.runlog.append_eval(n_iter, after.metrics)
         self.runlog.write_summary(summary)
+        fault_point("summary", n_iter)
         if self.info.is_main and cfg.plots:
             plot_curves(self.runlog.rows(), [f"reward/{n}" for n in self.rewards.names], self.run_dir, prefix="curve")
             plot_weight_heatmap(self.weight_profiles, self.run_dir / "credit_weights.png")
@@ -259,8 +313,9 @@ class Trainer:
         adv, mask = credit.advantages.to(dev), credit.mask.to(dev)  # [b, T] each
         b, T = adv.shape
         old_logp = traj.log_probs.to(dev)  # [b, T]
-        n_parts = t.updates_per_iter
-        parts = [slice(i * b // n_parts, (i + 1) * b // n_parts) for i in range(n_parts)]
+        # optimizer steps made of whole rollout micro-batches: every update forward is exactly a rollout forward
+        groups = update_parts(b, t.updates_per_iter, t.micro_batch)
+        parts = [slice(g[0].start, g[-1].stop) for g in groups]
         steps = [k for k in range(T) if bool(odist.all_reduce_sum(mask[:, k].sum(), info) > 0)]
         acc = LossMetrics()
         first_ratio_dev = None
@@ -270,7 +325,7 @@ class Trainer:
                 if count == 0:
                     continue
                 normalizer = float(count) / info.world_size
-                calls = [(mb, k) for mb in _chunks(part, t.micro_batch) for k in steps]
+                calls = [(mb, k) for mb in groups[pi] for k in steps]
                 self.optimizer.zero_grad(set_to_none=True)
                 for ci, (mb, k) in enumerate(calls):
                     with odist.no_sync(self.model, skip_sync=ci < len(calls) - 1):
@@ -280,6 +335,7 @@ class Trainer:
                 if epoch == 0 and pi == 0:
                     first_ratio_dev = acc.ratio_dev()
                 self._optimizer_step()
+                fault_point("update", self._iteration)
         stats = acc.result()
         stats["ratio_first_step_max_dev"] = first_ratio_dev if first_ratio_dev is not None else float("nan")
         return stats
@@ -363,19 +419,38 @@ class Trainer:
                       title=f"{tag} training ({self.cfg.train.scheme})")
         return res
 
-    def save(self, iteration: int) -> None:
-        """Every rank takes part (FSDP2 gathers whole tensors); the main process writes."""
-        weights = {n: odist.whole(p) for n, p in self.params.items()}
-        ema = {n: odist.whole(t) for n, t in self.ema.items()} if self.ema is not None else None
-        optim = odist.optimizer_state(self.optimizer, self.fsdp)
+    def save(self, iteration: int, pending: dict[str, float] | None = None, weights: bool = True) -> None:
+        """The checkpoint after ``iteration`` iterations: weights, EMA, optimizer, and all the loop state a resumed
+        run needs (the evaluation before training, elapsed wall time, step-weight profiles, the logs' byte positions
+        and ``pending``, the log row of the iteration that this checkpoint ends, which is written after it).
+        ``weights=False``: state only. Every rank takes part (FSDP2 gathers whole tensors); the main process writes.
+        """
+        start = time.perf_counter()
+        whole = {n: odist.whole(p) for n, p in self.params.items()} if weights else None
+        ema = {n: odist.whole(t) for n, t in self.ema.items()} if self.ema is not None and weights else None
+        optim = odist.optimizer_state(self.optimizer, self.fsdp) if weights else None
         if self.info.is_main:
-            save_checkpoint(
-                self.run_dir, iteration, weights, optim,
-                {"weight_profiles": self.weight_profiles, "seed": self.cfg.seed}, ema=ema,
-            )
+            if pending is not None:  # the checkpoint's own time, up to here
+                pending = {**pending, "time/checkpoint": pending.get("time/checkpoint", 0.0)
+                           + time.perf_counter() - start}
+            state = {
+                "seed": self.cfg.seed,
+                "weight_profiles": self.weight_profiles,
+                "eval_before": self.eval_before,
+                "wall_seconds": self.elapsed(),
+                "log_positions": self.runlog.positions(),
+                "pending_row": pending,
+            }
+            save_checkpoint(self.run_dir, iteration, whole, optim, state, ema=ema)
         odist.barrier(self.info)
+        self._saved_at = iteration
 
     # ------------------------------------------------------------------ small helpers
+
+    def _eval_due(self, iteration: int) -> bool:
+        """Is there an evaluation in the loop after ``iteration`` iterations (the last one has the final eval)?"""
+        every = self.cfg.eval.every
+        return bool(every) and 0 < iteration < self.cfg.train.iterations and iteration % every == 0
 
     def _progress(self) -> Any:
         if not (self.cfg.progress and self.info.is_main):
@@ -385,5 +460,4 @@ class Trainer:
         return tqdm(total=self.cfg.train.iterations, initial=self.start_iteration, desc=f"otca {self.cfg.train.scheme}")
 
 
-def _chunks(part: slice, size: int) -> list[slice]:
-    return [slice(i, min(i + size, part.stop)) for i in range(part.start, part.stop, size)]
+_STREAM_GLOBAL_RNG = 1000  # the global torch RNG is reseeded from (seed, iteration, this) at each iteration's start
