@@ -46,6 +46,7 @@ from otca.credit.schemes import (
     tempflow_step_weights,
     uniform_weights,
 )
+from otca.credit.scale import scale_advantages, unit_mean_abs_factor
 from otca.credit.stepwise import (  # registers step-moca, profile-moca
     objective_step_scheme,
     profile_source,
@@ -94,6 +95,7 @@ __all__ = [
     "reward_gain_source",
     "reward_gain_weights",
     "reward_step_gains",
+    "scale_advantages",
     "scaled_step_gains",
     "scheme_names",
     "scheme_needs",
@@ -108,4 +110,5 @@ __all__ = [
     "tempflow_weights",
     "trajectory_score",
     "uniform_weights",
+    "unit_mean_abs_factor",
 ]
