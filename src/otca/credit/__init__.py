@@ -22,6 +22,7 @@ from otca.credit.reward_gain import (  # registers reward-gain, reward-gain-moca
     reward_step_gains,
     scaled_step_gains,
 )
+from otca.credit.scale import scale_advantages, unit_mean_abs_factor
 from otca.credit.schemes import (
     OPTIONAL_INPUTS,
     Aggregate,
@@ -46,7 +47,6 @@ from otca.credit.schemes import (
     tempflow_step_weights,
     uniform_weights,
 )
-from otca.credit.scale import scale_advantages, unit_mean_abs_factor
 from otca.credit.stepwise import (  # registers step-moca, profile-moca
     objective_step_scheme,
     profile_source,
