@@ -170,9 +170,10 @@ class MonitorConfig(_Section):
 
 
 class EvalConfig(_Section):
-    every: int = Field(0, ge=0)
+    every: int = Field(10, ge=0)
     """Evaluate every N iterations (0 = only before and after training); each periodic evaluation also runs the
-    reward-hacking monitor (``monitor``)."""
+    reward-hacking monitor (``monitor``). The embedded default's eval costs about 0.4 of an iteration, so every
+    10 adds about 4 % to a run; the real-model configs set 0."""
     samples_per_prompt: int = Field(4, ge=1)
     """ODE samples per eval prompt (fixed seeds)."""
     seed: int = 1234
