@@ -26,8 +26,8 @@ Direction = Literal["up", "down"]
 
 @dataclass(frozen=True)
 class Drift:
-    """One alarm: training reward ``reward`` rose by ``rise`` while held-out ``signal`` fell by ``fall`` (relative
-    to its earlier value), between the evaluations after ``since`` and ``at`` iterations."""
+    """One alarm: training reward ``reward`` rose by ``rise`` while held-out ``signal`` got worse by ``fall`` (in its
+    direction, relative to its earlier value), between the evaluations after ``since`` and ``at`` iterations."""
 
     reward: str
     rise: float
@@ -38,7 +38,7 @@ class Drift:
 
     def __str__(self) -> str:
         return (f"drift alarm at iteration {self.at}: {self.reward} rose by {self.rise:+.4g} since iteration "
-                f"{self.since} while {self.signal} fell by {self.fall:.1%}")
+                f"{self.since} while {self.signal} got worse by {self.fall:.1%}")
 
 
 def drift_alarms(
