@@ -30,6 +30,7 @@ from _bench import build_trainer, header, train_iteration
 from otca.credit import CreditConfig, CreditInputs, get_scheme, tcd_gains
 from otca.rollout import velocity_in_chunks
 from otca.step_rewards import clean_predictions, score_states
+from otca.weights import eval_mode
 
 SIZE_OF = ("grpo", "tcd", "reward-gain", "moca", "otca", "reward-gain-moca", "step-moca")
 
@@ -75,7 +76,7 @@ def main() -> None:
             return trainer.rewards(trainer.policy.decode(latents).float().clamp(0, 1), prompts)
 
         known = {T - 1: rewards} if trainer.cfg.sampler.final_latent == "x0" else {T: rewards}
-        with trainer.eval_mode():
+        with eval_mode(trainer.policy):
             last = time.perf_counter()
             views = clean_predictions(velocity, traj.latents, traj.sigmas)  # [b, T+1, *latent]
             tick("extra: x0_hat recomputed (T policy forwards)")

@@ -7,13 +7,13 @@ import statistics
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from otca.compare import (
     BASE,
     QUICK_OVERRIDES,
     RunSpec,
+    choose_lr,
     compare,
     format_markdown,
     mean_std,
@@ -21,10 +21,11 @@ from otca.compare import (
     plan_runs,
     run_config,
     table_values,
-    trailing_mean,
+    training_curve,
     write_csv,
 )
 from otca.runlog import RunLog
+from otca.stats import paired_difference_ci, sample_efficiency, trailing_mean
 
 SCHEMES = ("grpo", "otca")
 SEEDS = (0, 1)
@@ -36,16 +37,6 @@ def test_mean_std_is_the_sample_std_of_the_finite_values():
     m, s = mean_std([4.0, float("nan")])
     assert m == 4.0 and math.isnan(s)
     assert all(math.isnan(x) for x in mean_std([]))
-
-
-def test_trailing_mean_matches_a_loop():
-    x = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
-    for w in (1, 3, 20):
-        want = torch.tensor([[sum(r[max(0, i - w + 1): i + 1]) / len(r[max(0, i - w + 1): i + 1]) for i in range(11)]
-                             for r in x.tolist()], dtype=torch.float64)
-        torch.testing.assert_close(trailing_mean(x, w), want)
-    with pytest.raises(ValueError, match="smooth: expected a window >= 1"):
-        trailing_mean(x, 0)
 
 
 def _summary(before, after, wall):
@@ -99,10 +90,11 @@ def comparison(tmp_path_factory):
 
 def test_comparison_writes_every_output_and_its_provenance(comparison):
     out, values = comparison
-    for f in ["table.md", "table.csv", "runs.csv", "curves_iteration.png", "curves_wall.png", "compare.json"]:
+    for f in ["table.md", "table.csv", "runs.csv", "curves_iteration.png", "curves_wall.png", "compare.json",
+              "paired.csv", "efficiency.csv", "hypervolume.csv", "pareto.png"]:
         assert (out / f).is_file(), f
     meta = json.loads((out / "compare.json").read_text())
-    assert meta["schemes"] == list(SCHEMES) and meta["seeds"] == list(SEEDS)
+    assert meta["schemes"] == list(SCHEMES) and meta["seeds"] == list(SEEDS) and meta["baseline"] == "grpo"
     assert meta["overrides"] == [*QUICK_OVERRIDES, *EXTRA]
     assert list(values) == [BASE, *SCHEMES]
     runs = list(csv.DictReader(open(out / "runs.csv")))
@@ -205,3 +197,56 @@ def test_cli_variants_add_named_rows_with_the_same_seeds(tmp_path, capsys):
     first = {r: RunLog(out / r / "seed-0").rows()[0] for r in cfg}
     assert first["otca+guard"]["reward/digit-alignment"] == first["otca"]["reward/digit-alignment"]
     assert [r["scheme"] for r in csv.DictReader(open(out / "runs.csv"))] == ["otca", "otca+window", "otca+guard"]
+
+
+def _curves(out, scheme):
+    weights = [1.0, 1.0, 1.0]  # the default rewards' weights
+    return {d: training_curve(out / scheme / f"seed-{d}", weights) for d in SEEDS}
+
+
+def test_paired_and_efficiency_tables_recomputed_from_the_run_logs(comparison):
+    out, _ = comparison
+    md = (out / "table.md").read_text()
+    for section in ["## Paired differences against grpo", "## Sample efficiency", "## Trade-off", "## The 0.7x bar",
+                    "| otca | 2 |"]:
+        assert section in md, section
+    g, o = _curves(out, "grpo"), _curves(out, "otca")
+    # the weights-summed curve by hand from metrics.jsonl
+    rows = RunLog(out / "otca" / "seed-0").rows()
+    by_hand = [sum(r[k] for k in r if k.startswith("reward/")) for r in rows]
+    assert o[0][0].tolist() == pytest.approx(by_hand)
+    final = {name: {d: float(trailing_mean(c[d][0], 5)[-1]) for d in SEEDS} for name, c in (("g", g), ("o", o))}
+    want = paired_difference_ci(final["o"], final["g"])
+    row = next(r for r in csv.DictReader(open(out / "paired.csv"))
+               if r["scheme"] == "otca" and r["metric"] == "train/final_reward")
+    assert [float(row[k]) for k in ("diff", "low", "high")] == pytest.approx([want.value, want.low, want.high])
+    xs = {d: [1.0 + i for i in range(len(o[d][0]))] for d in SEEDS}
+    eff = sample_efficiency({d: o[d][0] for d in SEEDS}, {d: g[d][0] for d in SEEDS}, smooth=5,
+                            scheme_x=xs, baseline_x=xs)
+    erow = next(csv.DictReader(open(out / "efficiency.csv")))
+    assert erow["scheme"] == "otca" and int(erow["seeds"]) == 2
+    assert float(erow["iter_ratio"]) == pytest.approx(eff.ratio.value)
+    assert int(erow["seeds_reached"]) == sum(r.scheme_at is not None for r in eff.per_seed.values())
+
+
+def test_choose_lr_by_hand():
+    scores = {("a", 1e-5): [1.0, 3.0], ("a", 1e-4): [2.5, 2.0], ("b", 1e-5): [0.0], ("b", 1e-4): [0.0]}
+    assert choose_lr(scores) == {"a": 1e-4, "b": 1e-5}  # a: 2.25 > 2.0; b: a tie keeps the smaller lr
+
+
+def test_lr_grid_tunes_on_its_own_seeds_then_evaluates_with_the_chosen_lr(tmp_path):
+    extra = ("train.iterations=1", "eval.metrics=null", "eval.samples_per_prompt=1")
+    with pytest.raises(ValueError, match="--tune-seeds"):
+        compare(None, extra, schemes=SCHEMES, seeds=(0,), quick=True, out_dir=tmp_path, lr_grid=(1e-5,),
+                tune_seeds=(0,), log=lambda line: None)
+    compare(None, extra, schemes=SCHEMES, seeds=(0,), quick=True, out_dir=tmp_path, jobs=1, lr_grid=(1e-5, 1e-3),
+            tune_seeds=(100,), log=lambda line: None)
+    tune = list(csv.DictReader(open(tmp_path / "tune.csv")))
+    assert {(r["scheme"], float(r["lr"]), r["seed"]) for r in tune} == {
+        (s, lr, "100") for s in SCHEMES for lr in (1e-5, 1e-3)}
+    meta = json.loads((tmp_path / "compare.json").read_text())
+    for s in SCHEMES:
+        mine = {float(r["lr"]): float(r["score"]) for r in tune if r["scheme"] == s}
+        assert meta["chosen_lr"][s] == max(mine, key=lambda lr: (mine[lr], -lr))
+        cfg = yaml.safe_load((tmp_path / s / "seed-0" / "config.yaml").read_text())
+        assert cfg["train"]["lr"] == meta["chosen_lr"][s]

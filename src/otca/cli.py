@@ -6,7 +6,7 @@
     otca eval RUN_DIR                            # evaluate a run's latest weights
     otca sample RUN_DIR --prompt "a handwritten seven"
     otca export RUN_DIR [--format lora|merged|full] [--ema] [--out DIR]   # weights diffusers loads
-    otca compare [--schemes grpo,otca] [--seeds 0,1] [--quick] [key=value ...]     # schemes x seeds, one table
+    otca compare [--schemes grpo,otca] [--seeds 0,1,2] [--lr-grid 2e-5,5e-5] [--adv-scale unit-mean-abs] [--quick]
     otca compare --variants "window=sampler.sde_window.size=4;guard=train.ratio_guard=ratio-norm"  # + named rows
     otca analyze-credit [--run RUN_DIR | --config FILE] [key=value ...]            # is dS a proxy? (paper 6.1)
     otca config [--config FILE] [key=value ...]  # the resolved config as YAML, every field's docstring above it
@@ -59,12 +59,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--schemes", default=None, help="comma-separated schemes (default: grpo,flow-grpo,tcd,moca,otca,pcpo)"
     )
-    c.add_argument("--seeds", default=None, help="comma-separated run seeds (default: 0,1)")
+    c.add_argument("--seeds", default=None, help="comma-separated evaluation seeds (default: 0,1,2; --quick: 0,1)")
     c.add_argument(
         "--variants", default=None,
         help="extra rows <scheme>+NAME with their own overrides, same seeds: 'NAME=key=value [key=value ...];NAME=...' "
         "(e.g. 'window=sampler.sde_window.size=4;cps=sampler.sde=cps')",
     )
+    c.add_argument("--baseline", default=None, help="scheme the others are paired with (default: grpo if compared)")
+    c.add_argument("--lr-grid", default=None, help="comma-separated learning rates: each scheme's lr is chosen on "
+                   "the tuning seeds, then evaluated on --seeds (e.g. 2e-5,5e-5,1e-4)")
+    c.add_argument("--tune-seeds", default=None, help="seeds of the lr-tuning runs (default: 100,101)")
+    c.add_argument("--tune-metric", default="train-reward", help="what lr tuning maximises: train-reward (final "
+                   "weights-summed training reward) or an eval metric, '-name' when lower is better")
+    c.add_argument("--adv-scale", default=None, choices=["none", "unit-mean-abs"],
+                   help="train.credit.adv_scale for every run (unit-mean-abs: equal step sizes across schemes)")
     c.add_argument("--quick", action="store_true", help="CI-sized runs (a few iterations, small batch, few steps)")
     c.add_argument("--out", default="runs/compare", help="comparison directory (runs go to OUT/<scheme>/seed-<s>)")
     c.add_argument(
@@ -178,12 +186,15 @@ def _csv(text: str | None, cast=str) -> list | None:
 
 
 def cmd_compare(args) -> int:
-    from otca.compare import DEFAULT_SCHEMES, DEFAULT_SEEDS, compare, parse_variants
+    from otca.compare import DEFAULT_SCHEMES, DEFAULT_TUNE_SEEDS, compare, parse_variants
 
-    schemes, seeds = _csv(args.schemes) or DEFAULT_SCHEMES, _csv(args.seeds, int) or DEFAULT_SEEDS
+    schemes, seeds = _csv(args.schemes) or DEFAULT_SCHEMES, _csv(args.seeds, int) or None
     variants = parse_variants(args.variants) if args.variants else None
-    compare(args.config, args.overrides, schemes=schemes, seeds=seeds, variants=variants,
-            out_dir=args.out, quick=args.quick, jobs=args.jobs, threads=args.threads, smooth=args.smooth)
+    extra = [f"train.credit.adv_scale={args.adv_scale}"] if args.adv_scale else []
+    compare(args.config, [*args.overrides, *extra], schemes=schemes, seeds=seeds, variants=variants,
+            out_dir=args.out, quick=args.quick, jobs=args.jobs, threads=args.threads, smooth=args.smooth,
+            baseline=args.baseline, lr_grid=_csv(args.lr_grid, float) or (),
+            tune_seeds=_csv(args.tune_seeds, int) or DEFAULT_TUNE_SEEDS, tune_metric=args.tune_metric)
     print((Path(args.out) / "table.md").read_text())
     print(f"comparison directory: {args.out}")
     return 0

@@ -33,14 +33,20 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from otca.plots import plot_reward_curves
+from otca import stats
+from otca.plots import plot_pareto, plot_reward_curves
 from otca.runlog import RunLog
+from otca.stats import trailing_mean
 
 DEFAULT_SCHEMES = ("grpo", "flow-grpo", "tcd", "moca", "otca", "pcpo")
-# two seeds x six schemes of the embedded default fit in 30 minutes on 2 CPU cores (docs/results.md)
-DEFAULT_SEEDS = (0, 1)
+# evaluation seeds of the full mode: three give a (rough) bootstrap interval over seeds (otca.stats)
+DEFAULT_SEEDS = (0, 1, 2)
+QUICK_SEEDS = (0, 1)
+# seeds of the learning-rate tuning runs: never evaluation seeds, so the chosen lr is judged on fresh noise
+DEFAULT_TUNE_SEEDS = (100, 101)
 # CI-sized runs (seconds each): few iterations, a small batch, few steps, a small eval with 2 samples per
 # prompt (diversity needs 2). The user's overrides come after these and win.
 QUICK_OVERRIDES = (
@@ -69,7 +75,7 @@ class RunSpec:
     seed: int
     run_dir: Path
     variant: str | None = None
-    overrides: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()  # the variant's overrides, then this run's own (the lr chosen by tuning)
 
     @property
     def name(self) -> str:
@@ -227,17 +233,6 @@ def write_runs_csv(summaries: dict[RunSpec, dict[str, Any]], path: Path) -> None
 # ------------------------------------------------------------------ the curves
 
 
-def trailing_mean(values: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean of the last ``window`` entries up to each position along the last dim ``[..., n] -> [..., n]``
-    (shorter at the start)."""
-    if window < 1:
-        raise ValueError(f"smooth: expected a window >= 1, got {window}")
-    c = torch.nn.functional.pad(values.double().cumsum(-1), (1, 0))  # [..., n+1]
-    idx = torch.arange(values.shape[-1])  # [n]
-    lo = (idx + 1 - window).clamp_min(0)  # [n]
-    return (c[..., idx + 1] - c[..., lo]) / (idx + 1 - lo)  # [..., n]
-
-
 def curve_arrays(specs: Sequence[RunSpec], key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values [seeds, n], wall [seeds, n])`` of one metric over the runs of one scheme, cut to the shortest."""
     runs = [RunLog(s.run_dir).rows() for s in specs]
@@ -259,8 +254,168 @@ def reward_curves(
     for scheme, runs in by_scheme.items():
         for name in reward_names:
             values, wall = curve_arrays(runs, f"reward/{name}")  # [seeds, n] each
-            curves.setdefault(scheme, {})[name] = (trailing_mean(values, smooth), wall)
+            smoothed = torch.tensor(np.stack([trailing_mean(v, smooth) for v in values.numpy()]))  # [seeds, n]
+            curves.setdefault(scheme, {})[name] = (smoothed, wall)
     return curves
+
+
+# ------------------------------------------------------------------ the fair view: paired, efficiency, trade-off
+
+TRAIN_REWARD = "train/final_reward"  # the weights-summed training reward, trailing mean at the last iteration
+
+
+def reward_weights(cfg) -> list[float]:
+    """beta per score column of ``cfg.rewards`` (a list weight gives one per column of a multi-objective reward)."""
+    return [float(w) for r in cfg.rewards for w in (r.weight if isinstance(r.weight, list) else [r.weight])]
+
+
+def training_curve(run_dir: Path, weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """``(reward [n], wall [n])`` of one run: ``sum_k beta_k reward/k`` of every iteration's rollout, and the
+    seconds from the start of the training loop to the end of each iteration (the eval before training left
+    out: row 0's wall minus its own phase times)."""
+    rows = RunLog(run_dir).rows()
+    keys = [k for k in rows[0] if k.startswith("reward/")] if rows else []
+    if not rows or len(keys) != len(weights):
+        raise ValueError(f"run {run_dir}: expected metrics rows with {len(weights)} reward columns, got "
+                         f"{len(rows)} rows with {keys}")
+    reward = np.array([sum(w * r[k] for w, k in zip(weights, keys, strict=True)) for r in rows])  # [n]
+    start = rows[0]["wall_seconds"] - sum(v for k, v in rows[0].items() if k.startswith("time/"))
+    wall = np.array([r["wall_seconds"] - start for r in rows])  # [n]
+    return reward, wall
+
+
+def run_metrics(summary: dict[str, Any], run_dir: Path, weights: Sequence[float], smooth: int) -> dict[str, float]:
+    """One run's numbers for the fair tables: its eval after training, the final smoothed weights-summed training
+    reward (``train/final_reward``) and its wall seconds."""
+    reward, _ = training_curve(run_dir, weights)
+    return {**summary["eval_after"], TRAIN_REWARD: float(trailing_mean(reward, smooth)[-1]),
+            "wall_seconds": summary["wall_seconds"]}
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.4g}" if math.isfinite(x) else str(x)
+
+
+def paired_table(per_run: dict[RunSpec, dict[str, float]], baseline: str) -> tuple[str, list[list[Any]]]:
+    """Markdown and CSV rows of every scheme's per-seed difference to ``baseline`` (same seed = same prompts and
+    noise), mean with its bootstrap 95 % interval (:func:`otca.stats.paired_difference_ci`), per metric."""
+    by = _by_scheme(per_run)
+    base = by[baseline]
+    cols = [c for c in dict.fromkeys(k for v in base.values() for k in v) if c != "wall_seconds"]
+    lines = [f"| scheme - {baseline} | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    rows: list[list[Any]] = []
+    for scheme, runs in by.items():
+        if scheme == baseline:
+            continue
+        cells = []
+        for c in cols:
+            e = stats.paired_difference_ci({s: v[c] for s, v in runs.items()}, {s: v[c] for s, v in base.items()})
+            cells.append(f"{_signed(e.value)} [{_signed(e.low)}, {_signed(e.high)}]")
+            rows.append([scheme, c, e.value, e.low, e.high, e.n])
+        lines.append(f"| {scheme} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), rows
+
+
+def _by_scheme(per_run: dict[RunSpec, Any]) -> dict[str, dict[int, Any]]:
+    out: dict[str, dict[int, Any]] = {}
+    for spec, v in per_run.items():
+        out.setdefault(spec.name, {})[spec.seed] = v
+    return out
+
+
+def efficiency_table(
+    curves: dict[RunSpec, tuple[np.ndarray, np.ndarray]], baseline: str, smooth: int, bar: float = 0.7
+) -> tuple[str, list[list[Any]], dict[str, stats.Efficiency]]:
+    """How fast each scheme reaches the baseline's final weights-summed training reward, per seed
+    (:func:`otca.stats.sample_efficiency`, counted in iterations 1..n and in training wall seconds), with the
+    ratio of sums over seeds and its bootstrap interval; ``best - threshold`` says how close a scheme that
+    misses comes. Returns markdown, CSV rows and the iteration efficiencies."""
+    by = _by_scheme(curves)
+    base = by[baseline]
+    lines = [f"| scheme | seeds reaching {baseline}'s final | iterations (scheme / {baseline}, mean) | "
+             f"iteration ratio [95% CI] | wall ratio [95% CI] | best - threshold (mean) | <= {bar}x iterations |",
+             "|---|---|---|---|---|---|---|"]
+    rows: list[list[Any]] = []
+    found: dict[str, stats.Efficiency] = {}
+    for scheme, runs in by.items():
+        if scheme == baseline:
+            continue
+        iters = {s: np.arange(1, len(c[0]) + 1, dtype=float) for s, c in runs.items()}
+        biters = {s: np.arange(1, len(c[0]) + 1, dtype=float) for s, c in base.items()}
+        eff = stats.sample_efficiency({s: c[0] for s, c in runs.items()}, {s: c[0] for s, c in base.items()},
+                                      smooth=smooth, scheme_x=iters, baseline_x=biters)
+        wall = stats.sample_efficiency({s: c[0] for s, c in runs.items()}, {s: c[0] for s, c in base.items()},
+                                       smooth=smooth, scheme_x={s: c[1] for s, c in runs.items()},
+                                       baseline_x={s: c[1] for s, c in base.items()})
+        found[scheme] = eff
+        reached = [r for r in eff.per_seed.values() if r.scheme_at is not None]
+        mean_at = np.mean([r.scheme_at for r in reached]) if reached else math.nan
+        mean_base = np.mean([r.baseline_at for r in eff.per_seed.values()])
+        gap = float(np.mean([r.scheme_best - r.threshold for r in eff.per_seed.values()]))
+        lines.append(f"| {scheme} | {len(reached)}/{len(eff.per_seed)} | {mean_at:.3g} / {mean_base:.3g} | "
+                     f"{eff.ratio} | {wall.ratio} | {_signed(gap)} | {'yes' if eff.ratio.value <= bar else 'no'} |")
+        rows.append([scheme, len(reached), len(eff.per_seed), eff.ratio.value, eff.ratio.low, eff.ratio.high,
+                     wall.ratio.value, wall.ratio.low, wall.ratio.high, gap])
+    return "\n".join(lines), rows, found
+
+
+def tradeoff(
+    per_run: dict[RunSpec, dict[str, float]], objectives: Sequence[str], base: dict[str, float] | None
+) -> tuple[dict[str, torch.Tensor], np.ndarray, dict[str, dict[int, float]]]:
+    """The eval-time objectives of every run ``{scheme: [seeds, M]}``, the hypervolume reference point (the
+    per-objective minimum over every run and the base model: the nadir of what was measured) and each run's
+    hypervolume against it ``{scheme: {seed: hv}}`` (:func:`otca.stats.hypervolume` of the run's point)."""
+    by = _by_scheme(per_run)
+    points = {sch: torch.tensor([[runs[s][o] for o in objectives] for s in sorted(runs)], dtype=torch.float64)
+              for sch, runs in by.items()}
+    every = torch.cat(list(points.values())).numpy()  # [N, M]
+    if base is not None:
+        every = np.vstack([every, [[base[o] for o in objectives]]])
+    ref = every.min(axis=0)  # [M]
+    hv = {sch: {s: stats.hypervolume([[runs[s][o] for o in objectives]], ref) for s in runs}
+          for sch, runs in by.items()}
+    return points, ref, hv
+
+
+def bar_verdict(
+    eff: stats.Efficiency, paired: list[list[Any]], scheme: str, signals: dict[str, str], bar: float = 0.7
+) -> str:
+    """Whether ``scheme`` reaches the baseline's final training reward in ``bar`` x its iterations or fewer
+    (point estimate of the ratio) without losing on a monitored held-out signal (a paired difference in the
+    wrong direction whose 95 % interval excludes 0); says which part fails."""
+    losses = [m for (sch, m, _v, lo, hi, _n) in paired if sch == scheme and m in signals
+              and ((signals[m] == "up" and hi < 0) or (signals[m] == "down" and lo > 0))]
+    fast = eff.ratio.value <= bar
+    if fast and not losses:
+        return f"{scheme}: meets the bar (ratio {eff.ratio})"
+    why = [] if fast else [f"ratio {eff.ratio} > {bar}"]
+    why += [f"loses on {m}" for m in losses]
+    return f"{scheme}: misses the bar ({'; '.join(why)})"
+
+
+# ------------------------------------------------------------------ learning-rate tuning
+
+
+def tune_score(summary: dict[str, Any], run_dir: Path, weights: Sequence[float], smooth: int, metric: str) -> float:
+    """What lr tuning maximises for one run: ``train-reward`` (the final smoothed weights-summed training reward)
+    or a metric of the eval after training (``-name``: lower is better)."""
+    if metric == "train-reward":
+        return run_metrics(summary, run_dir, weights, smooth)[TRAIN_REWARD]
+    sign, name = (-1.0, metric[1:]) if metric.startswith("-") else (1.0, metric)
+    if name not in summary["eval_after"]:
+        raise ValueError(f"compare --tune-metric {metric!r}: expected 'train-reward' or an eval metric "
+                         f"({', '.join(summary['eval_after'])})")
+    return sign * float(summary["eval_after"][name])
+
+
+def choose_lr(scores: dict[tuple[str, float], list[float]]) -> dict[str, float]:
+    """Per scheme, the lr with the highest mean score over the tuning seeds (the smaller lr on a tie)."""
+    best: dict[str, tuple[float, float]] = {}
+    for (scheme, lr), vals in sorted(scores.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        m = float(np.mean(vals))
+        if scheme not in best or m > best[scheme][1]:
+            best[scheme] = (lr, m)
+    return {s: lr for s, (lr, _) in best.items()}
 
 
 # ------------------------------------------------------------------ the driver
@@ -315,43 +470,127 @@ def compare(
     overrides: Sequence[str] = (),
     *,
     schemes: Sequence[str] = DEFAULT_SCHEMES,
-    seeds: Sequence[int] = DEFAULT_SEEDS,
+    seeds: Sequence[int] | None = None,
     variants: Mapping[str, Sequence[str]] | None = None,
     out_dir: str | Path = "runs/compare",
     quick: bool = False,
     jobs: int | None = None,
     threads: int = 1,
     smooth: int = 5,
+    baseline: str | None = None,
+    lr_grid: Sequence[float] = (),
+    tune_seeds: Sequence[int] = DEFAULT_TUNE_SEEDS,
+    tune_metric: str = "train-reward",
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, list[float]]]:
-    """Train every scheme (and each of its ``variants``, ``{name: overrides}``) with every seed on one config
-    and write the table, CSVs, curves and compare.json.
+    """Train every scheme (and each of its ``variants``, ``{name: overrides}``) with every seed on one config and
+    write the tables, CSVs, curves, Pareto plot and compare.json.
 
-    ``quick`` puts :data:`QUICK_OVERRIDES` before ``overrides``. ``jobs`` runs that many trainings side by
-    side (separate processes, ``threads`` torch threads each); None = one per CPU core: these small networks
-    gain little from a second thread, and oversubscribed threads on a busy machine are far slower (see
-    docs/results.md). Returns :func:`table_values`.
+    ``quick`` puts :data:`QUICK_OVERRIDES` before ``overrides``; ``seeds`` defaults to :data:`DEFAULT_SEEDS`
+    (:data:`QUICK_SEEDS` when quick). ``jobs`` runs that many trainings side by side (separate processes,
+    ``threads`` torch threads each); None = one per CPU core: these small networks gain little from a second
+    thread, and oversubscribed threads on a busy machine are far slower (see docs/results.md).
+
+    The fair view: ``baseline`` (default ``grpo`` when compared, else the first scheme) is what every other
+    scheme is paired with, seed by seed; ``lr_grid`` (several learning rates) first trains every scheme with
+    every lr on ``tune_seeds`` and keeps, per scheme, the lr that maximises ``tune_metric`` (see
+    :func:`tune_score`), then the evaluation runs use it. Step sizes can also be equalised by the override
+    ``train.credit.adv_scale=unit-mean-abs``. Returns :func:`table_values`.
     """
     jobs = jobs if jobs is not None else os.cpu_count() or 1
     if jobs < 1 or threads < 1:
         raise ValueError(f"compare: jobs and threads must be >= 1, got jobs={jobs}, threads={threads}")
     out = Path(out_dir)
-    seeds = tuple(seeds)
+    seeds = tuple(seeds if seeds is not None else (QUICK_SEEDS if quick else DEFAULT_SEEDS))
+    baseline = baseline or ("grpo" if "grpo" in schemes else schemes[0])
+    if baseline not in schemes:
+        raise ValueError(f"compare --baseline {baseline!r}: expected one of the compared schemes {list(schemes)}")
+    lr_grid = tuple(float(x) for x in lr_grid)
+    if lr_grid:
+        if set(tune_seeds) & set(seeds):
+            raise ValueError(f"compare --tune-seeds {list(tune_seeds)}: expected seeds apart from the evaluation "
+                             f"seeds {list(seeds)}")
+        if any(o.split("=", 1)[0].strip() == "train.lr" for o in overrides):
+            raise ValueError("compare override 'train.lr': set by the lr grid (drop --lr-grid or the override)")
     overrides = [*(QUICK_OVERRIDES if quick else ()), *overrides]
-    specs = plan_runs(schemes, seeds, out, variants)
-    configs = [run_config(config, overrides, s) for s in specs]  # every config error before any training
+    plan_runs(schemes, seeds, out, variants)  # name and repeat errors before any training
     out.mkdir(parents=True, exist_ok=True)
-    t0, done, where = time.time(), [], provenance()  # the code as it was when the runs started
+    t0, where = time.time(), provenance()  # the code as it was when the runs started
 
-    def report(i: int, summary: dict) -> None:
-        done.append(i)
-        rewards = {k: v for k, v in summary["eval_after"].items() if k.startswith("reward/")}
-        r = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in rewards.items())
-        log(f"[{len(done)}/{len(specs)}] {specs[i].name} seed {specs[i].seed}: {summary['wall_seconds']:.0f} s; {r}")
+    def run_all(specs: list[RunSpec], what: str) -> tuple[list[Any], list[dict[str, Any]]]:
+        configs = [run_config(config, overrides, s) for s in specs]  # every config error before any training
+        done: list[int] = []
 
-    summaries = dict(zip(specs, _execute(configs, threads, jobs, report), strict=True))
+        def report(i: int, summary: dict) -> None:
+            done.append(i)
+            rewards = {k: v for k, v in summary["eval_after"].items() if k.startswith("reward/")}
+            r = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in rewards.items())
+            sp = specs[i]
+            log(f"{what} [{len(done)}/{len(specs)}] {sp.name} seed {sp.seed} {' '.join(sp.overrides)}: "
+                f"{summary['wall_seconds']:.0f} s; {r}")
+
+        return configs, _execute(configs, threads, jobs, report)
+
+    chosen: dict[str, float] = {}
+    tune_rows: list[list[Any]] = []
+    if lr_grid:
+        tspecs = [RunSpec(s, int(d), out / "tune" / s / f"lr-{lr:g}" / f"seed-{d}", overrides=(f"train.lr={lr!r}",))
+                  for s in schemes for lr in lr_grid for d in tune_seeds]
+        tconfigs, tsums = run_all(tspecs, "tune")
+        scores: dict[tuple[str, float], list[float]] = {}
+        for sp, cfg, sm in zip(tspecs, tconfigs, tsums, strict=True):
+            v = tune_score(sm, sp.run_dir, reward_weights(cfg), smooth, tune_metric)
+            scores.setdefault((sp.scheme, cfg.train.lr), []).append(v)
+            tune_rows.append([sp.scheme, cfg.train.lr, sp.seed, v])
+        chosen = choose_lr(scores)
+    specs = [RunSpec(sp.scheme, sp.seed, sp.run_dir, sp.variant,
+                     (*sp.overrides, *((f"train.lr={chosen[sp.scheme]!r}",) if chosen else ())))
+             for sp in plan_runs(schemes, seeds, out, variants)]
+    configs, sums = run_all(specs, "eval")
+    summaries = dict(zip(specs, sums, strict=True))
+    weights = reward_weights(configs[0])
     values = table_values(summaries)
-    (out / "table.md").write_text(format_markdown(values) + "\n")
+    per_run = {sp: run_metrics(sm, sp.run_dir, weights, smooth) for sp, sm in summaries.items()}
+    curves = {sp: training_curve(sp.run_dir, weights) for sp in specs}
+    base_eval = {k: float(np.mean(v)) for k, v in values[BASE].items()}
+
+    paired_md, paired_rows = paired_table(per_run, baseline)
+    eff_md, eff_rows, effs = efficiency_table(curves, baseline, smooth)
+    objectives = [k for k in summaries[specs[0]]["eval_after"] if k.startswith("reward/")]
+    points, ref, hv = tradeoff(per_run, objectives, base_eval)
+    plot_pareto(points, objectives, out / "pareto.png", torch.tensor([base_eval[o] for o in objectives]))
+    hv_lines = [f"| scheme | hypervolume (mean [95% CI]) | - {baseline} (paired) |", "|---|---|---|"]
+    hv_rows = []
+    for sch, by_seed in hv.items():
+        e = stats.mean_ci(list(by_seed.values()))
+        d = stats.paired_difference_ci(by_seed, hv[baseline]) if sch != baseline else None
+        hv_lines.append(f"| {sch} | {e} | {'-' if d is None else d} |")
+        hv_rows.append([sch, e.value, e.low, e.high, *(() if d is None else (d.value, d.low, d.high))])
+    signals = dict(configs[0].eval.monitor.signals)
+    verdicts = [bar_verdict(effs[s], paired_rows, s, signals) for s in schemes if s != baseline]
+
+    n_seeds = len(seeds)
+    md = [f"## Eval after training (mean ± std over {n_seeds} seeds)", "", format_markdown(values), ""]
+    if chosen:
+        md += ["## Learning rates chosen on the tuning seeds", "",
+               f"grid {list(lr_grid)}, tuning seeds {list(tune_seeds)}, maximising {tune_metric}: "
+               + ", ".join(f"{s} {lr:g}" for s, lr in chosen.items()), ""]
+    md += [f"## Paired differences against {baseline} (mean over seeds [95% bootstrap CI])", "",
+           f"`{TRAIN_REWARD}`: the weights-summed training reward of the rollouts, trailing mean over {smooth} "
+           "iterations at the last iteration.", "", paired_md, "",
+           f"## Sample efficiency: reaching {baseline}'s final training reward", "",
+           "Per seed, the threshold is the baseline's final smoothed weights-summed training reward; iterations "
+           "are counted from 1, wall time from the start of the training loop. Ratio = sum over seeds of the "
+           "scheme's / the baseline's (inf when the scheme misses on some seed).", "", eff_md, "",
+           "## Trade-off between the objectives at eval time", "",
+           f"Objectives: {', '.join(objectives)} (all maximised); reference point = the per-objective minimum "
+           f"over every run and the base model: {', '.join(f'{x:.4g}' for x in ref)}. Plot: pareto.png.", "",
+           "\n".join(hv_lines), "", "## The 0.7x bar", "",
+           f"Reach {baseline}'s final training reward in 0.7x its iterations or fewer without losing on a "
+           f"monitored held-out signal ({', '.join(f'{k} {v}' for k, v in signals.items())}; a loss = a paired "
+           "difference in the wrong direction whose interval excludes 0):", "",
+           *[f"- {v}" for v in verdicts], ""]
+    (out / "table.md").write_text("\n".join(md))
     write_csv(values, out / "table.csv")
     write_runs_csv(summaries, out / "runs.csv")
     # the reward columns as the runs logged them (a multi-objective reward logs one per objective, not its name)
@@ -360,7 +599,15 @@ def compare(
     plot_reward_curves(reward_curves(specs, columns, smooth), out, smooth)
     meta = {"config": config or "defaults", "overrides": list(overrides), "schemes": list(schemes),
             "variants": {k: list(v) for k, v in (variants or {}).items()},
-            "seeds": list(seeds), "jobs": jobs, "threads_per_job": threads, "smooth": smooth,
-            "wall_seconds": time.time() - t0, **where}
+            "seeds": list(seeds), "baseline": baseline, "lr_grid": list(lr_grid), "tune_seeds": list(tune_seeds),
+            "tune_metric": tune_metric, "chosen_lr": chosen, "jobs": jobs, "threads_per_job": threads,
+            "smooth": smooth, "wall_seconds": time.time() - t0, **where}
     (out / "compare.json").write_text(json.dumps(meta, indent=1))
     return values
+
+
+def _write_rows(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)

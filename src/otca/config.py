@@ -186,15 +186,31 @@ class TrainConfig(_Section):
     """Keep an EMA of the trainable weights (used for eval and sampling); None = off."""
 
 
+class MonitorConfig(_Section):
+    signals: dict[str, Literal["up", "down"]] = {"eval/judge_alignment": "up", "eval/fidelity_fd": "down"}
+    """Held-out eval metrics the reward-hacking monitor watches, each with the direction it should move ('up':
+    higher is better); a metric the eval suite does not report is skipped (otca.monitor)."""
+    window: int = Field(1, ge=1)
+    """Compare each periodic evaluation with the one this many evaluations earlier (the first, before training,
+    when there are fewer)."""
+    tolerance: float = Field(0.05, ge=0)
+    """Alarm when a training reward on the eval prompts rose while a signal fell by more than this fraction of its
+    earlier value."""
+
+
 class EvalConfig(_Section):
-    every: int = Field(0, ge=0)
-    """Evaluate every N iterations (0 = only before and after training)."""
+    every: int = Field(10, ge=0)
+    """Evaluate every N iterations (0 = only before and after training); each periodic evaluation also runs the
+    reward-hacking monitor (``monitor``). The embedded default's eval costs about 0.4 of an iteration, so every
+    10 adds about 4 % to a run; the real-model configs set 0."""
     samples_per_prompt: int = Field(4, ge=1)
     """ODE samples per eval prompt (fixed seeds)."""
     seed: int = 1234
     """Seed of the evaluation noise (the same at every evaluation)."""
     metrics: str | None = "digits"
     """Eval-only metric suite (``otca.evaluate``), None for rewards only."""
+    monitor: MonitorConfig = MonitorConfig()
+    """The drift alarm of periodic evaluations: a training reward rising while a held-out signal falls."""
 
 
 class RunConfig(_Section):

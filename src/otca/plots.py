@@ -183,6 +183,38 @@ def plot_reward_curves(
     return paths
 
 
+def plot_pareto(
+    points: Mapping[str, torch.Tensor], names: Sequence[str], path: Path, base: torch.Tensor | None = None
+) -> None:
+    """A comparison's eval-time trade-off: one panel per pair of objectives, every run of each scheme as a dot
+    (``points[scheme] [seeds, M]``, objectives ``names [M]``, all maximised), the scheme's mean as a cross, the
+    base model (``base [M]``) as a star; the runs on the Pareto front of all runs are ringed."""
+    from otca.stats import pareto_front
+
+    plt = pyplot()
+    M = len(names)
+    pairs = [(i, j) for i in range(M) for j in range(i + 1, M)] or [(0, 0)]
+    everything = torch.cat([p for p in points.values()]).double()  # [N, M]
+    front = torch.as_tensor(pareto_front(everything.numpy()))  # [N]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.6), dpi=100, squeeze=False)
+    for ax, (i, j) in zip(axes[0], pairs, strict=True):
+        for n, (scheme, p) in enumerate(points.items()):
+            color = f"C{n % 10}"
+            ax.scatter(p[:, i], p[:, j], s=18, color=color, alpha=0.7, label=scheme)
+            ax.scatter(p[:, i].mean(), p[:, j].mean(), s=60, marker="x", color=color)
+        ax.scatter(everything[front, i], everything[front, j], s=80, facecolors="none", edgecolors="k", lw=0.8)
+        if base is not None:
+            ax.scatter(base[i], base[j], s=90, marker="*", color="k", label="base")
+        ax.set_xlabel(names[i], fontsize=8)
+        ax.set_ylabel(names[j], fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("eval-time trade-off (dots: runs, x: scheme mean, rings: Pareto front of all runs)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_examples(
     dS: torch.Tensor, dR: torch.Tensor, r: torch.Tensor, prompts: Sequence[str], path: Path, examples: int = 6
 ) -> None:

@@ -40,6 +40,7 @@ class Trajectory:
     final: torch.Tensor  # [B, *latent]: the latent that is decoded and scored
     sigmas: torch.Tensor  # [T+1] fp32
     means: torch.Tensor | None = None  # [B, T, *latent] fp32: transition means (kept for a ratio guard)
+    x0_hats: torch.Tensor | None = None  # [B, T, *latent]: clean prediction of state k (kept for step_rewards)
 
 
 def velocity_in_chunks(
@@ -87,6 +88,7 @@ def sample_sde(
     velocity: Callable | None = None,
     sde_steps: torch.Tensor | None = None,
     keep_means: bool = False,
+    keep_x0: bool = False,
 ) -> Trajectory:
     """Roll out ``x [b, *latent]`` through ``T = len(sigmas) - 1`` stochastic transitions.
 
@@ -97,17 +99,21 @@ def sample_sde(
     ``sde_steps [T]`` bool (an SDE window, :func:`otca.flow.sde_window`): ODE steps where False, with NaN
     log-probs there (never trained); None: every step stochastic. ``keep_means``: also keep each transition's
     mean (``Trajectory.means``, what a ratio guard with ``needs_geometry`` reads as the old policy's mean).
+    ``keep_x0``: also keep each state's clean prediction (``Trajectory.x0_hats``, what a scheme that needs
+    ``step_rewards`` scores; :mod:`otca.step_rewards`).
     """
     velocity = velocity or policy.velocity
     gens = [seeded_generator(seed, iteration, STREAM_SDE_NOISE, int(i)) for i in indices]
     b, T = x.shape[0], len(sigmas) - 1
-    latents, log_probs, means = [x], [], []
+    latents, log_probs, means, x0s = [x], [], [], []
     x0_hat = x
     for k in range(T):
         sig = sigmas[k].expand(b)  # [b]
         v = velocity_in_chunks(velocity, x, sig.to(x.device), cond, micro_batch)
         noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, torch.float32)
         x0_hat = predict_x0(x, v, float(sigmas[k]))
+        if keep_x0:
+            x0s.append(x0_hat)
         stochastic = sde_steps is None or bool(sde_steps[k])
         s_k, s_next = float(sigmas[k]), float(sigmas[k + 1])
         x, logp, mean, _ = mixed_step(transition, x, v, s_k, s_next, stochastic=stochastic, eta=eta, noise=noise)
@@ -117,7 +123,8 @@ def sample_sde(
         log_probs.append(logp)
     final = x0_hat if final_latent == "x0" else x
     kept = torch.stack(means, 1) if keep_means else None
-    return Trajectory(torch.stack(latents, 1), torch.stack(log_probs, 1), final, sigmas, kept)
+    x0_hats = torch.stack(x0s, 1) if keep_x0 else None
+    return Trajectory(torch.stack(latents, 1), torch.stack(log_probs, 1), final, sigmas, kept, x0_hats)
 
 
 @torch.no_grad()

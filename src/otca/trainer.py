@@ -22,7 +22,7 @@ from otca import dist as odist
 from otca.batching import update_parts
 from otca.checkpoint import NoCheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from otca.config import RunConfig, dump_config, window_spec
-from otca.credit import CreditInputs, CreditOutput, get_scheme, tcd_gains
+from otca.credit import CreditInputs, CreditOutput, get_scheme, scale_advantages, scheme_needs, tcd_gains
 from otca.diagnostics import LossMetrics, run_diagnostics, step_weight_profile, zero_variance_groups
 from otca.evaluate import EvalResult, evaluate_policy, load_prompts
 from otca.faults import fault_point
@@ -37,6 +37,7 @@ from otca.flow import (
     window_train_mask,
 )
 from otca.models.registry import build_policy
+from otca.monitor import alarm_metrics, drift_alarms
 from otca.plots import plot_curves, plot_weight_heatmap, save_grid
 from otca.rewards.registry import build_reward_set
 from otca.rollout import (
@@ -50,6 +51,7 @@ from otca.rollout import (
     select_train_steps,
 )
 from otca.runlog import RunLog, timed
+from otca.step_rewards import clean_predictions, score_states
 from otca.weights import call_with_weights, eval_mode, swapped
 
 
@@ -85,6 +87,7 @@ class Trainer:
         self.train_prompts = load_prompts(cfg.prompts.train)
         self.eval_prompts = load_prompts(cfg.prompts.eval)
         self.scheme = get_scheme(cfg.train.scheme)
+        self.needs = scheme_needs(self.scheme)  # optional credit inputs the scheme declared (docs/credit-schemes.md)
         self.transition = get_transition(cfg.sampler.sde)  # the one SDE step of the rollout and the update
         self.sigmas = make_sigmas(
             cfg.sampler.num_steps, cfg.sampler.shift, cfg.sampler.schedule,
@@ -117,6 +120,8 @@ class Trainer:
         self._t0 = time.time()
         self._saved_at = -1  # iteration of the newest checkpoint that holds the current weights
         self._iteration = 0  # the iteration in progress (for fault points)
+        self.eval_history: list[dict[str, float]] = []  # the monitor's evaluations, before training first
+        self.alarmed = False  # the latest monitored evaluation raised a drift alarm
 
     def resume(self, fresh_if_none: bool = False) -> None:
         """Continue from the newest sound checkpoint of ``run_dir``: weights, EMA, optimizer, loop state, the
@@ -178,9 +183,10 @@ class Trainer:
                 self.save(0, weights=False)
         eval_before = self.eval_before
         start = self.start_iteration
+        self.eval_history = [{"iteration": 0, **eval_before}, *self.runlog.eval_rows()]
         if self._eval_due(start) and [r["iteration"] for r in self.runlog.eval_rows()[-1:]] != [start]:
             # the checkpoint was the end of a shorter run, whose final evaluation was cut from the logs
-            self.runlog.append_eval(start, self.evaluate(None).metrics)
+            self.monitored_eval(start)
         bar = self._progress()
         for it in range(start, n_iter):
             self._iteration = it
@@ -198,9 +204,7 @@ class Trainer:
             row = self.log_row(it, credit, stats, self.elapsed())
             if self._eval_due(it + 1):
                 with timed(times, "eval"):
-                    metrics = self.evaluate(None).metrics
-                    fault_point("eval", it + 1)
-                    self.runlog.append_eval(it + 1, metrics)
+                    row.update(self.monitored_eval(it + 1, bar))
             if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
                 with timed(times, "checkpoint"):
                     self.save(it + 1, pending={**row, **times})
@@ -208,7 +212,8 @@ class Trainer:
             fault_point("log", it)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix({k.split("/")[-1][:10]: f"{v:.3f}" for k, v in row.items() if k.startswith("reward/")})
+                bar.set_postfix({k.split("/")[-1][:10]: f"{v:.3f}" for k, v in row.items() if k.startswith("reward/")}
+                                | ({"DRIFT": "!"} if self.alarmed else {}))
         if bar is not None:
             bar.close()
         if self._saved_at != n_iter:
@@ -259,7 +264,7 @@ class Trainer:
             traj = sample_sde(
                 self.policy, cond, x, self.sigmas, transition=self.transition, eta=s.eta, seed=self.cfg.seed,
                 iteration=it, indices=batch.indices, final_latent=s.final_latent,
-                micro_batch=self.cfg.train.micro_batch, velocity=self.model,
+                micro_batch=self.cfg.train.micro_batch, velocity=self.model, keep_x0="step_rewards" in self.needs,
                 sde_steps=self.sde_steps(it), keep_means=self.guard.needs_geometry,
             )
         return traj, cond
@@ -283,6 +288,9 @@ class Trainer:
             mask_global = window_train_mask(window, mask_global)  # [B, T]
         dev = info.device
         gains = odist.all_gather_rows(tcd_gains(traj.latents, traj.final).to(dev), info).cpu()  # [B, T] fp32
+        step_rewards = None
+        if "step_rewards" in self.needs:  # [B, T+1, K]
+            step_rewards = odist.all_gather_rows(self.step_rewards(traj, rewards, batch).to(dev), info).cpu()
         inputs = CreditInputs(
             rewards=odist.all_gather_rows(rewards.to(dev), info).cpu(),
             group_ids=odist.all_gather_rows(batch.group_ids.to(dev), info).cpu(),
@@ -291,15 +299,38 @@ class Trainer:
             gains=gains,
             reward_weights=self.reward_weights,
             reward_names=tuple(self.rewards.names),
+            step_rewards=step_rewards,
         )
-        out = self.scheme(inputs, t.credit)
+        out = scale_advantages(self.scheme(inputs, t.credit), mask_global, t.credit.adv_scale)
         if self.cfg.save_credit:
             self.runlog.write_credit(it, {
                 "rewards": inputs.rewards, "gains": gains, "mask": inputs.mask.to(torch.uint8),
                 "group_ids": inputs.group_ids, "advantages": out.advantages, "weights": out.weights,
+                **({"step_rewards": step_rewards} if step_rewards is not None else {}),
             })
         mine = info.shard(n_global)
         return Credit(inputs, out, out.advantages[mine], mask_global[mine])
+
+    def step_rewards(self, traj: Trajectory, rewards: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Rewards of every state's decoded clean prediction ``[b, T+1, K]`` (:mod:`otca.step_rewards`): the
+        rollout's kept ``x0_hats`` for states 0..T-1, the last state's own prediction for T; the scored final's
+        ``rewards [b, K]`` are reused for the state they belong to instead of being scored again."""
+        if traj.x0_hats is None:
+            raise ValueError("Trajectory.x0_hats: the scheme needs step_rewards; roll out with keep_x0=True")
+        T = traj.sigmas.shape[0] - 1
+
+        def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:  # only if the last sigma is > 0
+            return self.policy.velocity(x, sigma, self.policy.encode(batch.prompts))
+
+        def score(latents: torch.Tensor, prompts: Any) -> torch.Tensor:
+            return self.rewards(self.policy.decode(latents).float().clamp(0, 1), prompts)
+
+        with eval_mode(self.policy):
+            last = clean_predictions(velocity, traj.latents[:, T:], traj.sigmas[T:])  # [b, 1, *latent]
+            views = torch.cat([traj.x0_hats, last], dim=1)  # [b, T+1, *latent]
+            final_at = T - 1 if self.cfg.sampler.final_latent == "x0" else T
+            known = {final_at: rewards} if final_at == T - 1 or float(traj.sigmas[T]) == 0 else {}
+            return score_states(views, batch.prompts, score, known=known)
 
     def update(self, traj: Trajectory, cond: Any, credit: Credit) -> dict[str, float]:
         """Clipped-surrogate steps on this rank's rollouts; gradients averaged over ranks by DDP/FSDP.
@@ -418,6 +449,23 @@ class Trainer:
             save_grid(res.pixels, res.prompts, self.run_dir / f"samples_{tag}.png", per_row=e.samples_per_prompt * 2,
                       title=f"{tag} training ({self.cfg.train.scheme})")
         return res
+
+    def monitored_eval(self, iteration: int, bar: Any = None) -> dict[str, float]:
+        """A periodic evaluation and the reward-hacking monitor (:mod:`otca.monitor`): the eval row (with
+        ``monitor/*`` columns) goes to eval.jsonl, an alarm to the console; returns the ``monitor/*`` columns
+        for the iteration's row."""
+        m = self.cfg.eval.monitor
+        metrics = {"iteration": iteration, **self.evaluate(None).metrics}
+        fault_point("eval", iteration)
+        self.eval_history.append(metrics)
+        alarms = drift_alarms(self.eval_history, m.signals, window=m.window, tolerance=m.tolerance)
+        columns = alarm_metrics(alarms, m.signals)
+        self.alarmed = bool(alarms)
+        self.runlog.append_eval(iteration, {**{k: v for k, v in metrics.items() if k != "iteration"}, **columns})
+        if self.info.is_main:
+            for a in alarms:
+                (bar.write if bar is not None else lambda line: print(line, file=sys.stderr))(f"otca: {a}")
+        return columns
 
     def save(self, iteration: int, pending: dict[str, float] | None = None, weights: bool = True) -> None:
         """The checkpoint after ``iteration`` iterations: weights, EMA, optimizer, and all the loop state a resumed

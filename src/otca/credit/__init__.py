@@ -22,6 +22,7 @@ from otca.credit.reward_gain import (  # registers reward-gain, reward-gain-moca
     reward_step_gains,
     scaled_step_gains,
 )
+from otca.credit.scale import scale_advantages, unit_mean_abs_factor
 from otca.credit.schemes import (
     OPTIONAL_INPUTS,
     Aggregate,
@@ -94,6 +95,7 @@ __all__ = [
     "reward_gain_source",
     "reward_gain_weights",
     "reward_step_gains",
+    "scale_advantages",
     "scaled_step_gains",
     "scheme_names",
     "scheme_needs",
@@ -108,4 +110,5 @@ __all__ = [
     "tempflow_weights",
     "trajectory_score",
     "uniform_weights",
+    "unit_mean_abs_factor",
 ]

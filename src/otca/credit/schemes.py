@@ -58,6 +58,10 @@ class CreditConfig(BaseModel):
     batch_std: bool = False
     """Divide by one std over the whole batch instead of each group's (Flow-GRPO global_std); means stay per
     group. Applies to every scheme's reward normalisation (not to MOCA's Eq. 12 std of q)."""
+    adv_scale: Literal["none", "unit-mean-abs"] = "none"
+    """Rescale each iteration's advantages after the scheme, identically for every scheme: 'unit-mean-abs'
+    multiplies them by one number so that their mean |A| over the trained entries is 1 (equal step sizes across
+    schemes, otca.credit.scale); 'none' leaves them as the scheme made them."""
     step_profile: tuple[tuple[float, ...], ...] | None = None
     """Per-objective step profile of the profile-moca scheme: K lists (one per reward, in the run's reward order)
     of T numbers (one per sampler transition), e.g. each objective's mean per-step reward gain of the clean
