@@ -593,6 +593,12 @@ def compare(
     (out / "table.md").write_text("\n".join(md))
     write_csv(values, out / "table.csv")
     write_runs_csv(summaries, out / "runs.csv")
+    _write_rows(out / "paired.csv", ["scheme", "metric", "diff", "low", "high", "seeds"], paired_rows)
+    _write_rows(out / "efficiency.csv", ["scheme", "seeds_reached", "seeds", "iter_ratio", "iter_low", "iter_high",
+                                         "wall_ratio", "wall_low", "wall_high", "best_minus_threshold"], eff_rows)
+    _write_rows(out / "hypervolume.csv", ["scheme", "hv", "low", "high", "diff", "diff_low", "diff_high"], hv_rows)
+    if tune_rows:
+        _write_rows(out / "tune.csv", ["scheme", "lr", "seed", "score"], tune_rows)
     # the reward columns as the runs logged them (a multi-objective reward logs one per objective, not its name)
     first = next(iter(summaries.values()))["eval_after"]
     columns = [k.removeprefix("reward/") for k in first if k.startswith("reward/")]
