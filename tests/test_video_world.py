@@ -136,3 +136,21 @@ def test_guidance_combines_against_the_empty_prompt():
         v_c = plain.velocity(x, sigma, plain.encode(prompts))
         v_u = plain.velocity(x, sigma, plain.encode(["", ""]))
     torch.testing.assert_close(v, v_u + 3.0 * (v_c - v_u), rtol=1e-4, atol=1e-5)
+
+
+def test_video_and_image_worlds_share_one_digit_split():
+    """Both worlds draw on the same train/test split: the video world's test digits are the image world's test
+    digits (the 8x8 sources of the 16x16 images), so no held-out digit is trained on in either world."""
+    import torch.nn.functional as F
+
+    from otca.worlds.digits.data import IMAGE_SIZE, load_digit_images
+    from otca.worlds.video.data import load_source_digits
+
+    for split in ("train", "test"):
+        src, ys = load_source_digits(split)
+        img, yi = load_digit_images(split)
+        assert torch.equal(ys, yi)
+        up = F.interpolate(src, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
+        assert torch.equal(up, img)
+    with pytest.raises(ValueError, match="video digits split 'val'"):
+        load_source_digits("val")

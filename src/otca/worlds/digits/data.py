@@ -25,12 +25,18 @@ def load_digit_images(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
 
     ``split``: 'all' (1797 images), 'train' (the first 80% of a fixed permutation) or 'test' (the rest).
     """
-    x, y = _load()
+    return take_split(*_load(), split, "digits")
+
+
+def take_split(x: torch.Tensor, y: torch.Tensor, split: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of the rows of ``x [N, ...]`` and ``y [N]`` in ``split``: 'all', 'train' (the first 80% of a
+    permutation seeded 0) or 'test' (the rest). Every world that draws on the digits uses this one split, so no
+    test digit is trained on anywhere; ``what`` names the caller in the error."""
     if split == "all":
         return x.clone(), y.clone()
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     n_train = int(0.8 * len(y))
     idx = {"train": perm[:n_train], "test": perm[n_train:]}.get(split)
     if idx is None:
-        raise ValueError(f"digits split '{split}': expected 'all', 'train' or 'test'")
+        raise ValueError(f"{what} split '{split}': expected 'all', 'train' or 'test'")
     return x[idx].clone(), y[idx].clone()

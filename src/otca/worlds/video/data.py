@@ -16,6 +16,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from otca.worlds.digits.data import take_split
 from otca.worlds.video.prompts import DIRECTIONS, SPEEDS, Motion, phrasings
 
 CANVAS = 16
@@ -40,15 +41,7 @@ def _load() -> tuple[torch.Tensor, torch.Tensor]:
 def load_source_digits(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
     """The 8x8 digits ``[N, 1, 8, 8]`` in [0, 1] and labels ``[N]``; the splits are the digits world's (the first
     80% of a permutation seeded 0 for 'train', the rest for 'test'), so no test digit is ever trained on."""
-    x, y = _load()
-    if split == "all":
-        return x.clone(), y.clone()
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    n_train = int(0.8 * len(y))
-    idx = {"train": perm[:n_train], "test": perm[n_train:]}.get(split)
-    if idx is None:
-        raise ValueError(f"video digits split '{split}': expected 'all', 'train' or 'test'")
-    return x[idx].clone(), y[idx].clone()
+    return take_split(*_load(), split, "video digits")
 
 
 def track_centres(direction: torch.Tensor, speed: torch.Tensor, offset: torch.Tensor, frames: int = FRAMES

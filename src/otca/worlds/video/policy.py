@@ -88,9 +88,9 @@ def video_policy(
         transformer = transformer.to(dtype=dtype)
     text_encoder.requires_grad_(False).eval()
     policy = WanPolicy(
-        transformer, VideoPixelCodec(), text_encoder,  # type: ignore[arg-type]
+        transformer, VideoPixelCodec(), text_encoder,
         height=CANVAS, width=CANVAS, num_frames=FRAMES, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-    )  # (the adapter types its text argument as its own encoders; any prompts -> {prompt_embeds} callable works)
+    )
     return policy.to(device)
 
 
