@@ -15,6 +15,7 @@ from otca.compare import (
     RunSpec,
     choose_lr,
     compare,
+    finished_summary,
     format_markdown,
     mean_std,
     parse_variants,
@@ -141,6 +142,29 @@ def test_cli_reuses_finished_runs_and_prints_the_table(comparison, capsys):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     printed = capsys.readouterr().out
     assert "| method | seeds |" in printed and "| otca | 2 |" in printed
+
+
+def test_a_finished_run_is_reused_when_its_saved_config_means_the_same(tmp_path):
+    from otca.config import dump_config
+
+    cfg = run_config(None, EXTRA, RunSpec("grpo", 0, tmp_path / "run"))
+    run = Path(cfg.out_dir)
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"wall_seconds": 1.0}))
+    tree = yaml.safe_load(dump_config(cfg))
+    del tree["train"]["step_rewards_every"]  # saved before the field existed: its default keeps the old behaviour
+    (run / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    assert finished_summary(cfg) == {"wall_seconds": 1.0}
+    tree["train"]["step_rewards_every"] = 2  # trained with another value
+    (run / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    assert finished_summary(cfg) is None
+    del tree["train"]["step_rewards_every"]
+    tree["train"]["gone_field"] = 1  # a field the schema no longer knows
+    (run / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    assert finished_summary(cfg) is None
+    (run / "config.yaml").write_text(dump_config(cfg))
+    (run / "summary.json").unlink()  # killed before it finished
+    assert finished_summary(cfg) is None
 
 
 @pytest.mark.slow  # spawning two workers costs two fresh imports of torch and diffusers

@@ -10,6 +10,7 @@ from otca.credit import (
     ema_profile,
     gain_profile,
     get_scheme,
+    objective_gains,
     objective_step_weights,
     requires,
     reward_gain_weights,
@@ -112,6 +113,35 @@ def test_step_rewards_validation():
     with pytest.raises(ValueError, match="CreditInputs.step_rewards: expected finite values"):
         CreditInputs(**ok, step_rewards=torch.full((4, 4, 2), float("nan")))
     CreditInputs(**ok, step_rewards=torch.zeros(4, 4, 2))
+
+
+def test_a_gain_profile_stands_in_for_step_rewards_whose_gains_every_sample_shares():
+    # step_rewards[b, t, k] = base[t, k] + offset[b, k]: every sample has the same gains, its own final reward
+    g = torch.Generator().manual_seed(3)
+    B, T, K = 6, 5, 3
+    base, offset = torch.randn(T + 1, K, generator=g), torch.randn(B, 1, K, generator=g)
+    sr = base.unsqueeze(0) + offset  # [B, T+1, K]
+    gains = torch.rand(B, T, generator=g)
+    measured = inputs_with(sr, gains=gains)
+    profile = gain_profile(sr)  # [K, T]
+    torch.testing.assert_close(profile, scaled_step_gains(sr)[0].T)
+    stand_in = CreditInputs(measured.rewards, measured.group_ids, measured.mask, measured.sigmas, gains=gains,
+                            gain_profile=profile)
+    torch.testing.assert_close(objective_gains(stand_in), scaled_step_gains(sr))
+    for name in ("reward-gain", "reward-gain-moca", "step-moca"):
+        a, b = get_scheme(name)(measured, CreditConfig()), get_scheme(name)(stand_in, CreditConfig())
+        torch.testing.assert_close(b.advantages, a.advantages)
+        torch.testing.assert_close(b.weights, a.weights)
+
+
+def test_gain_profile_validation():
+    ok = dict(rewards=torch.randn(4, 2), group_ids=torch.zeros(4, dtype=torch.long),
+              mask=torch.ones(4, 3, dtype=torch.bool), sigmas=make_sigmas(3))
+    with pytest.raises(ValueError, match="CreditInputs.gain_profile: expected a float \\[2, 3\\] tensor"):
+        CreditInputs(**ok, gain_profile=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="CreditInputs.gain_profile: expected finite values"):
+        CreditInputs(**ok, gain_profile=torch.full((2, 3), float("inf")))
+    CreditInputs(**ok, gain_profile=torch.zeros(2, 3))
 
 
 def test_schemes_declare_their_optional_inputs():

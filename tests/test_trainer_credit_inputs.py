@@ -82,3 +82,40 @@ def test_periodic_evaluations_carry_the_monitor_columns(tmp_path):
         want = alarm_metrics(drift_alarms(history, m.signals, window=m.window, tolerance=m.tolerance), m.signals)
         assert {k: v for k, v in e.items() if k.startswith("monitor/")} == pytest.approx(want)
         assert r["monitor/alarm"] == want["monitor/alarm"]
+
+
+def test_step_rewards_every_two_uses_the_running_profile_between_and_resumes_exactly(tmp_path):
+    from otca.credit import CreditInputs, gain_profile, get_scheme
+
+    every = ["train.scheme=step-moca", "train.step_rewards_every=2", "train.step_profile_decay=0.25",
+             "save_credit=true", "eval.metrics=null", "train.iterations=3"]
+    cfg = _cfg(tmp_path / "full", *every)
+    tr = Trainer(cfg)
+    assert [tr.measures_step_rewards(i) for i in range(4)] == [True, False, True, False]
+    tr.train()
+    saved = [load_file(str(Path(cfg.out_dir) / "credit" / f"iter-{i:06d}.safetensors")) for i in range(3)]
+    assert ["step_rewards" in s for s in saved] == [True, False, True]
+    # iteration 1 is credited with iteration 0's mean scaled gains [K, T], the same for every sample
+    s0, s1 = saved[:2]
+    mask0 = s0["mask"].bool()
+    profile = gain_profile(s0["step_rewards"], mask0)
+    inputs = CreditInputs(s1["rewards"], s1["group_ids"], s1["mask"].bool(), tr.sigmas, s1["gains"],
+                          tr.reward_weights, tuple(tr.rewards.names), gain_profile=profile)
+    want = get_scheme("step-moca")(inputs, cfg.train.credit)
+    torch.testing.assert_close(s1["advantages"], want.advantages)
+    # and after iteration 2 the profile is 0.25 * that + 0.75 * iteration 2's
+    s2 = saved[2]
+    torch.testing.assert_close(tr.gain_profile, 0.25 * profile + 0.75 * gain_profile(s2["step_rewards"],
+                                                                                     s2["mask"].bool()))
+
+    # killed after iteration 1 (the profile lives in the checkpoint), resumed: the same run
+    part_cfg = _cfg(tmp_path / "part", *every[:-1], "train.iterations=1")
+    Trainer(part_cfg).train()
+    resumed = Trainer(load_config(Path(part_cfg.out_dir) / "config.yaml", ["train.iterations=3"]))
+    resumed.resume()
+    assert resumed.start_iteration == 1 and resumed.gain_profile is not None
+    resumed.train()
+
+    def strip(r):  # wall-clock values differ between any two runs
+        return {k: v for k, v in r.items() if k != "wall_seconds" and not k.startswith("time/")}
+    assert [strip(r) for r in RunLog(cfg.out_dir).rows()] == [strip(r) for r in RunLog(part_cfg.out_dir).rows()]

@@ -140,13 +140,22 @@ def run_config(config: str | None, overrides: Sequence[str], spec: RunSpec):
 
 
 def finished_summary(cfg) -> dict[str, Any] | None:
-    """The summary of the finished run in ``cfg.out_dir`` if it was trained with exactly ``cfg``, else None."""
-    from otca.config import dump_config
+    """The summary of the finished run in ``cfg.out_dir`` if it was trained with exactly ``cfg``, else None.
+
+    "Exactly": its saved config.yaml, read under the current config schema, equals ``cfg``. A run saved before a
+    field was added (with a default that keeps the old behaviour) is reused; one saved with a field the schema
+    no longer knows, or a differing value, is trained again.
+    """
+    from otca.config import dump_config, load_config
 
     saved = Path(cfg.out_dir) / "config.yaml"
-    if saved.is_file() and saved.read_text() == dump_config(cfg):
-        return RunLog(cfg.out_dir).summary()
-    return None
+    if not saved.is_file():
+        return None
+    try:
+        same = saved.read_text() == dump_config(cfg) or dump_config(load_config(saved)) == dump_config(cfg)
+    except ValueError:  # a field the schema no longer has, or a value it no longer accepts
+        return None
+    return RunLog(cfg.out_dir).summary() if same else None
 
 
 def train_run(cfg, threads: int) -> dict[str, Any]:

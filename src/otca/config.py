@@ -184,6 +184,14 @@ class TrainConfig(_Section):
     term weighted by 1/dt; the paper pairs it with a tiny clip_range, 2e-6 to 4e-6)."""
     ema_decay: float | None = None
     """Keep an EMA of the trainable weights (used for eval and sampling); None = off."""
+    step_rewards_every: int = Field(1, ge=1)
+    """Schemes that need step rewards (reward-gain, reward-gain-moca, step-moca: T decodes and reward calls per
+    sample) measure them on every N-th iteration only (0, N, 2N, ...); on the others every sample gets the run's
+    running per-objective gain profile (``step_profile_decay``) in place of its own gains. 1 = every iteration.
+    Other schemes ignore it."""
+    step_profile_decay: float = Field(0.5, ge=0, lt=1)
+    """Decay of that running profile: after each measured iteration, profile = decay * profile + (1 - decay) *
+    the iteration's mean scaled gain per objective and transition (over the samples that train it)."""
 
 
 class MonitorConfig(_Section):

@@ -22,7 +22,16 @@ from otca import dist as odist
 from otca.batching import update_parts
 from otca.checkpoint import NoCheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from otca.config import RunConfig, dump_config, window_spec
-from otca.credit import CreditInputs, CreditOutput, get_scheme, scale_advantages, scheme_needs, tcd_gains
+from otca.credit import (
+    CreditInputs,
+    CreditOutput,
+    ema_profile,
+    gain_profile,
+    get_scheme,
+    scale_advantages,
+    scheme_needs,
+    tcd_gains,
+)
 from otca.diagnostics import LossMetrics, run_diagnostics, step_weight_profile, zero_variance_groups
 from otca.evaluate import EvalResult, evaluate_policy, load_prompts
 from otca.faults import fault_point
@@ -122,6 +131,7 @@ class Trainer:
         self._iteration = 0  # the iteration in progress (for fault points)
         self.eval_history: list[dict[str, float]] = []  # the monitor's evaluations, before training first
         self.alarmed = False  # the latest monitored evaluation raised a drift alarm
+        self.gain_profile: torch.Tensor | None = None  # [K, T] running mean of the measured step gains
 
     def resume(self, fresh_if_none: bool = False) -> None:
         """Continue from the newest sound checkpoint of ``run_dir``: weights, EMA, optimizer, loop state, the
@@ -155,6 +165,8 @@ class Trainer:
         state = ck["state"]
         self.start_iteration = self._saved_at = state["iteration"]
         self.weight_profiles = state.get("weight_profiles", [])
+        if state.get("gain_profile") is not None:
+            self.gain_profile = torch.tensor(state["gain_profile"], dtype=torch.float32)
         self.eval_before = state.get("eval_before")
         self.wall_before = state.get("wall_seconds", 0.0)
         if "log_positions" in state:
@@ -264,7 +276,7 @@ class Trainer:
             traj = sample_sde(
                 self.policy, cond, x, self.sigmas, transition=self.transition, eta=s.eta, seed=self.cfg.seed,
                 iteration=it, indices=batch.indices, final_latent=s.final_latent,
-                micro_batch=self.cfg.train.micro_batch, velocity=self.model, keep_x0="step_rewards" in self.needs,
+                micro_batch=self.cfg.train.micro_batch, velocity=self.model, keep_x0=self.measures_step_rewards(it),
                 sde_steps=self.sde_steps(it), keep_means=self.guard.needs_geometry,
             )
         return traj, cond
@@ -288,9 +300,13 @@ class Trainer:
             mask_global = window_train_mask(window, mask_global)  # [B, T]
         dev = info.device
         gains = odist.all_gather_rows(tcd_gains(traj.latents, traj.final).to(dev), info).cpu()  # [B, T] fp32
-        step_rewards = None
-        if "step_rewards" in self.needs:  # [B, T+1, K]
+        step_rewards = profile = None
+        if self.measures_step_rewards(it):  # [B, T+1, K], and the running profile [K, T] they update
             step_rewards = odist.all_gather_rows(self.step_rewards(traj, rewards, batch).to(dev), info).cpu()
+            self.gain_profile = ema_profile(self.gain_profile, gain_profile(step_rewards, mask_global),
+                                            t.step_profile_decay)
+        elif "step_rewards" in self.needs:  # an iteration that skips them: the profile of the measured ones
+            profile = self.gain_profile
         inputs = CreditInputs(
             rewards=odist.all_gather_rows(rewards.to(dev), info).cpu(),
             group_ids=odist.all_gather_rows(batch.group_ids.to(dev), info).cpu(),
@@ -300,6 +316,7 @@ class Trainer:
             reward_weights=self.reward_weights,
             reward_names=tuple(self.rewards.names),
             step_rewards=step_rewards,
+            gain_profile=profile,
         )
         out = scale_advantages(self.scheme(inputs, t.credit), mask_global, t.credit.adv_scale)
         if self.cfg.save_credit:
@@ -310,6 +327,11 @@ class Trainer:
             })
         mine = info.shard(n_global)
         return Credit(inputs, out, out.advantages[mine], mask_global[mine])
+
+    def measures_step_rewards(self, it: int) -> bool:
+        """Does iteration ``it`` decode and score every state's clean prediction? Only for a scheme that needs
+        step rewards, on every ``train.step_rewards_every``-th iteration (the first always)."""
+        return "step_rewards" in self.needs and it % self.cfg.train.step_rewards_every == 0
 
     def step_rewards(self, traj: Trajectory, rewards: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Rewards of every state's decoded clean prediction ``[b, T+1, K]`` (:mod:`otca.step_rewards`): the
@@ -484,6 +506,7 @@ class Trainer:
             state = {
                 "seed": self.cfg.seed,
                 "weight_profiles": self.weight_profiles,
+                "gain_profile": None if self.gain_profile is None else self.gain_profile.tolist(),
                 "eval_before": self.eval_before,
                 "wall_seconds": self.elapsed(),
                 "log_positions": self.runlog.positions(),

@@ -17,6 +17,7 @@ from otca.credit.moca import (
 from otca.credit.reward_gain import (  # registers reward-gain, reward-gain-moca
     ema_profile,
     gain_profile,
+    objective_gains,
     objective_step_weights,
     reward_gain_weights,
     reward_step_gains,
@@ -73,6 +74,7 @@ __all__ = [
     "flow_grpo_aggregator",
     "flow_sde_std",
     "gain_profile",
+    "objective_gains",
     "gdpo_advantages",
     "gdpo_aggregator",
     "get_scheme",

@@ -15,7 +15,9 @@ Gains become weights by TCD's convention (Eq. 8 with the ``w_min`` floor, mean 1
 - :func:`objective_step_weights`: one profile per sample *and objective* ``[B, T, K]`` (the objective-aware
   schemes of :mod:`otca.credit.stepwise`);
 - :func:`gain_profile` / :func:`ema_profile`: the mean profile ``[K, T]`` over samples and its running average
-  over iterations, which the ``profile-moca`` scheme takes as ``CreditConfig.step_profile`` (no decodes).
+  over iterations, which the ``profile-moca`` scheme takes as ``CreditConfig.step_profile`` (no decodes), and
+  which the trainer hands the step-reward schemes (``CreditInputs.gain_profile``) on the iterations where
+  ``train.step_rewards_every > 1`` skips measuring step rewards (:func:`objective_gains`).
 """
 
 from __future__ import annotations
@@ -34,16 +36,6 @@ from otca.credit.schemes import (
 from otca.credit.tcd import tcd_weights_from_gains
 
 
-def step_rewards_of(inputs: CreditInputs) -> torch.Tensor:
-    """``inputs.step_rewards [B, T+1, K]``, or a one-line error naming the missing input."""
-    if inputs.step_rewards is None:
-        raise ValueError(
-            "CreditInputs.step_rewards: this scheme needs the rewards of the decoded clean prediction of every "
-            "state [B, T+1, K]; the trainer computes them for schemes whose scheme_needs() include 'step_rewards'"
-        )
-    return inputs.step_rewards
-
-
 def reward_step_gains(step_rewards: torch.Tensor) -> torch.Tensor:
     """Per-transition reward gains ``g[:, t] = R[:, t+1] - R[:, t]``: ``[B, T+1, K] -> [B, T, K]`` fp32."""
     if step_rewards.dim() != 3 or step_rewards.shape[1] < 2:
@@ -59,6 +51,22 @@ def scaled_step_gains(step_rewards: torch.Tensor) -> torch.Tensor:
     sd = r.reshape(-1, r.shape[-1]).std(dim=0, unbiased=False)  # [K]
     g = reward_step_gains(r)  # [B, T, K]
     return torch.where(sd > 0, g / sd.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(g))  # [B, T, K]
+
+
+def objective_gains(inputs: CreditInputs) -> torch.Tensor:
+    """Each sample's scaled per-objective step gains ``[B, T, K]``: :func:`scaled_step_gains` of
+    ``inputs.step_rewards`` when given; else ``inputs.gain_profile [K, T]`` (the run's running profile, on
+    iterations that do not measure step rewards), the same for every sample; else a one-line error."""
+    if inputs.step_rewards is not None:
+        return scaled_step_gains(inputs.step_rewards)  # [B, T, K]
+    if inputs.gain_profile is not None:
+        B, T = inputs.mask.shape
+        return inputs.gain_profile.float().T.unsqueeze(0).expand(B, T, inputs.rewards.shape[1])  # [B, T, K]
+    raise ValueError(
+        "CreditInputs.step_rewards: this scheme needs the rewards of the decoded clean prediction of every "
+        "state [B, T+1, K] (or a gain_profile [K, T]); the trainer computes them for schemes whose scheme_needs() "
+        "include 'step_rewards'"
+    )
 
 
 def objective_step_weights(
@@ -88,7 +96,7 @@ def _beta(inputs: CreditInputs) -> torch.Tensor:
 def reward_gain_weights(inputs: CreditInputs, config: CreditConfig) -> torch.Tensor:
     """Temporal weighter ``[B, T]``: TCD's weights (Eq. 8, ``w_min`` floor, mean 1 over the trained steps) of
     the ``beta``-weighted sum of the scaled reward gains ``sum_j beta_j g[b, t, j] / sd_j``."""
-    g = scaled_step_gains(step_rewards_of(inputs)) @ _beta(inputs)  # [B, T]
+    g = objective_gains(inputs) @ _beta(inputs)  # [B, T]
     return tcd_weights_from_gains(g, inputs.mask, config.eps_w, config.w_min)  # [B, T]
 
 

@@ -104,6 +104,9 @@ class CreditInputs:
     reward_weights: torch.Tensor | None = None
     reward_names: tuple[str, ...] | None = None  # K names used in the metrics (share/<name>); default "0".."K-1"
     step_rewards: torch.Tensor | None = None  # [B, T+1, K] reward k of decode(x0_hat) at state t; t = T the final
+    # [K, T] a per-objective step-gain profile shared by every sample (the run's running mean of the scaled gains of
+    # step_rewards), given in place of step_rewards on iterations that do not measure them (docs/credit-schemes.md)
+    gain_profile: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         r, m = self.rewards, self.mask
@@ -135,6 +138,11 @@ class CreditInputs:
             _require(sr.shape == (B, T + 1, K) and sr.is_floating_point(), "step_rewards",
                      f"a float [{B}, {T + 1}, {K}] tensor ([B, T+1, K])", f"{sr.dtype} {list(sr.shape)}")
             _require(bool(torch.isfinite(sr).all()), "step_rewards", "finite values", "NaN/inf")
+        if self.gain_profile is not None:
+            gp = self.gain_profile
+            _require(gp.shape == (K, T) and gp.is_floating_point(), "gain_profile",
+                     f"a float [{K}, {T}] tensor ([K, T])", f"{gp.dtype} {list(gp.shape)}")
+            _require(bool(torch.isfinite(gp).all()), "gain_profile", "finite values", "NaN/inf")
 
     @classmethod
     def from_trajectory(

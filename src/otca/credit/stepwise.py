@@ -45,7 +45,7 @@ import torch
 
 from otca.credit.group import group_normalize
 from otca.credit.moca import exploration_gate, exploration_signal, moca_fuse, trajectory_score
-from otca.credit.reward_gain import objective_step_weights, scaled_step_gains, step_rewards_of
+from otca.credit.reward_gain import objective_gains, objective_step_weights
 from otca.credit.schemes import (
     Aggregate,
     CreditConfig,
@@ -147,8 +147,9 @@ def objective_step_scheme(source: GainSource) -> CreditScheme:
 
 @requires("step_rewards")
 def reward_gain_source(inputs: CreditInputs, config: CreditConfig) -> torch.Tensor:
-    """Per-objective gains from the inputs' step rewards: :func:`otca.credit.reward_gain.scaled_step_gains`."""
-    return scaled_step_gains(step_rewards_of(inputs))  # [B, T, K]
+    """Per-objective gains from the inputs' step rewards (or the run's running profile on iterations without
+    them): :func:`otca.credit.reward_gain.objective_gains`."""
+    return objective_gains(inputs)  # [B, T, K]
 
 
 def profile_source(inputs: CreditInputs, config: CreditConfig) -> torch.Tensor:
