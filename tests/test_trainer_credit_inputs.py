@@ -119,3 +119,25 @@ def test_step_rewards_every_two_uses_the_running_profile_between_and_resumes_exa
     def strip(r):  # wall-clock values differ between any two runs
         return {k: v for k, v in r.items() if k != "wall_seconds" and not k.startswith("time/")}
     assert [strip(r) for r in RunLog(cfg.out_dir).rows()] == [strip(r) for r in RunLog(part_cfg.out_dir).rows()]
+
+
+def test_monitor_signals_the_eval_suite_does_not_report_are_named_on_one_line(tmp_path, capsys):
+    Trainer(_cfg(tmp_path, "train.iterations=1", "eval.every=1", "eval.metrics=null")).train()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "eval.monitor.signals" in ln]
+    assert len(lines) == 1 and "the reward-hacking monitor is off" in lines[0] and "eval/fidelity_fd" in lines[0]
+    Trainer(_cfg(tmp_path / "digits", "train.iterations=1", "eval.every=1")).train()  # digits reports both
+    assert "eval.monitor.signals" not in capsys.readouterr().err
+
+
+def test_the_video_config_monitors_metrics_its_eval_suite_reports():
+    from otca.config import load_config
+    from otca.evaluate import EVAL_SUITES
+    from otca.registry import load_worlds
+
+    load_worlds()
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "video.yaml")
+    from otca.worlds.video.prompts import all_prompts
+
+    clips = torch.rand(4, 1, 8, 16, 16)  # [B, 1, F, H, W]
+    reported = EVAL_SUITES.get(cfg.eval.metrics)(clips, all_prompts("eval")[:4], torch.tensor([0, 0, 1, 1]))
+    assert set(cfg.eval.monitor.signals) <= set(reported)

@@ -598,6 +598,9 @@ def compare(
            f"Reach {baseline}'s final training reward in 0.7x its iterations or fewer without losing on a "
            f"monitored held-out signal ({', '.join(f'{k} {v}' for k, v in signals.items())}; a loss = a paired "
            "difference in the wrong direction whose interval excludes 0):", "",
+           *([] if any(k in base_eval for k in signals) else
+             ["(None of these signals is in this comparison's eval: only the iteration ratio is checked. Set "
+              "eval.monitor.signals to metrics the eval suite reports.)", ""]),
            *[f"- {v}" for v in verdicts], ""]
     (out / "table.md").write_text("\n".join(md))
     write_csv(values, out / "table.csv")

@@ -194,6 +194,7 @@ class Trainer:
             if self.start_iteration == 0:  # state only: "before" and the wall time survive a kill from here on
                 self.save(0, weights=False)
         eval_before = self.eval_before
+        self._check_monitor_signals(eval_before)
         start = self.start_iteration
         self.eval_history = [{"iteration": 0, **eval_before}, *self.runlog.eval_rows()]
         if self._eval_due(start) and [r["iteration"] for r in self.runlog.eval_rows()[-1:]] != [start]:
@@ -488,6 +489,18 @@ class Trainer:
             for a in alarms:
                 (bar.write if bar is not None else lambda line: print(line, file=sys.stderr))(f"otca: {a}")
         return columns
+
+    def _check_monitor_signals(self, metrics: dict[str, float]) -> None:
+        """One console line when the monitor has periodic evaluations but the eval suite reports some (or none)
+        of ``eval.monitor.signals``: a signal the suite does not report is never watched."""
+        e = self.cfg.eval
+        missing = [k for k in e.monitor.signals if k not in metrics]
+        if not (e.every and missing and self.info.is_main):
+            return
+        reported = sorted(k for k in metrics if k.startswith("eval/"))
+        what = "the reward-hacking monitor is off" if len(missing) == len(e.monitor.signals) else "not watched"
+        print(f"otca: eval.monitor.signals: {missing} not reported by eval.metrics={e.metrics!r} ({what}); it "
+              f"reports {reported or 'no eval/ metrics'}", file=sys.stderr)
 
     def save(self, iteration: int, pending: dict[str, float] | None = None, weights: bool = True) -> None:
         """The checkpoint after ``iteration`` iterations: weights, EMA, optimizer, and all the loop state a resumed
