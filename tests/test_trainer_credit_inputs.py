@@ -122,10 +122,13 @@ def test_step_rewards_every_two_uses_the_running_profile_between_and_resumes_exa
 
 
 def test_monitor_signals_the_eval_suite_does_not_report_are_named_on_one_line(tmp_path, capsys):
-    Trainer(_cfg(tmp_path, "train.iterations=1", "eval.every=1", "eval.metrics=null")).train()
+    signals = "eval.monitor.signals={eval/nope: up, eval/fidelity_fd: down}"
+    Trainer(_cfg(tmp_path, "train.iterations=1", "eval.every=1", signals)).train()
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "eval.monitor.signals" in ln]
-    assert len(lines) == 1 and "the reward-hacking monitor is off" in lines[0] and "eval/fidelity_fd" in lines[0]
+    assert len(lines) == 1 and "['eval/nope'] not reported" in lines[0] and "(not watched)" in lines[0]
+    assert "eval/judge_alignment" in lines[0]  # what the suite does report
     Trainer(_cfg(tmp_path / "digits", "train.iterations=1", "eval.every=1")).train()  # digits reports both
+    Trainer(_cfg(tmp_path / "off", "train.iterations=1", "eval.every=1", "eval.metrics=null")).train()  # by choice
     assert "eval.monitor.signals" not in capsys.readouterr().err
 
 

@@ -491,11 +491,12 @@ class Trainer:
         return columns
 
     def _check_monitor_signals(self, metrics: dict[str, float]) -> None:
-        """One console line when the monitor has periodic evaluations but the eval suite reports some (or none)
-        of ``eval.monitor.signals``: a signal the suite does not report is never watched."""
+        """One console line when the monitor has periodic evaluations but the configured eval suite reports some
+        (or none) of ``eval.monitor.signals``: a signal the suite does not report is never watched. Without an
+        eval suite (``eval.metrics: null``) the monitor is off by choice and nothing is said."""
         e = self.cfg.eval
         missing = [k for k in e.monitor.signals if k not in metrics]
-        if not (e.every and missing and self.info.is_main):
+        if not (e.every and e.metrics and missing and self.info.is_main):
             return
         reported = sorted(k for k in metrics if k.startswith("eval/"))
         what = "the reward-hacking monitor is off" if len(missing) == len(e.monitor.signals) else "not watched"
