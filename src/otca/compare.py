@@ -152,7 +152,7 @@ def finished_summary(cfg) -> dict[str, Any] | None:
     if not saved.is_file():
         return None
     try:
-        same = saved.read_text() == dump_config(cfg) or dump_config(load_config(saved)) == dump_config(cfg)
+        same = dump_config(load_config(saved)) == dump_config(cfg)
     except ValueError:  # a field the schema no longer has, or a value it no longer accepts
         return None
     return RunLog(cfg.out_dir).summary() if same else None

@@ -53,6 +53,12 @@ def scaled_step_gains(step_rewards: torch.Tensor) -> torch.Tensor:
     return torch.where(sd > 0, g / sd.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(g))  # [B, T, K]
 
 
+def profile_for_every_sample(profile: torch.Tensor, batch: int) -> torch.Tensor:
+    """One per-objective step profile ``[K, T]`` as every sample's gains ``[B, T, K]`` (a broadcast view)."""
+    K, T = profile.shape
+    return profile.float().T.unsqueeze(0).expand(batch, T, K)  # [B, T, K]
+
+
 def objective_gains(inputs: CreditInputs) -> torch.Tensor:
     """Each sample's scaled per-objective step gains ``[B, T, K]``: :func:`scaled_step_gains` of
     ``inputs.step_rewards`` when given; else ``inputs.gain_profile [K, T]`` (the run's running profile, on
@@ -60,8 +66,7 @@ def objective_gains(inputs: CreditInputs) -> torch.Tensor:
     if inputs.step_rewards is not None:
         return scaled_step_gains(inputs.step_rewards)  # [B, T, K]
     if inputs.gain_profile is not None:
-        B, T = inputs.mask.shape
-        return inputs.gain_profile.float().T.unsqueeze(0).expand(B, T, inputs.rewards.shape[1])  # [B, T, K]
+        return profile_for_every_sample(inputs.gain_profile, inputs.rewards.shape[0])  # [B, T, K]
     raise ValueError(
         "CreditInputs.step_rewards: this scheme needs the rewards of the decoded clean prediction of every "
         "state [B, T+1, K] (or a gain_profile [K, T]); the trainer computes them for schemes whose scheme_needs() "

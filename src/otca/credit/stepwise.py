@@ -45,7 +45,7 @@ import torch
 
 from otca.credit.group import group_normalize
 from otca.credit.moca import exploration_gate, exploration_signal, moca_fuse, trajectory_score
-from otca.credit.reward_gain import objective_gains, objective_step_weights
+from otca.credit.reward_gain import objective_gains, objective_step_weights, profile_for_every_sample
 from otca.credit.schemes import (
     Aggregate,
     CreditConfig,
@@ -164,7 +164,7 @@ def profile_source(inputs: CreditInputs, config: CreditConfig) -> torch.Tensor:
     if p.shape != (K, T):
         raise ValueError(f"CreditConfig.step_profile: expected {K} lists (one per reward) of {T} numbers (one per "
                          f"transition), got {p.shape[0]} lists of {p.shape[1]}")
-    return p.T.unsqueeze(0).expand(B, T, K)  # [B, T, K]
+    return profile_for_every_sample(p, B)  # [B, T, K]
 
 
 register_scheme("step-moca")(objective_step_scheme(reward_gain_source))  # per-sample reward-gain profiles
